@@ -1,0 +1,368 @@
+"""moe_init_routing_v2 (sort-based dispatch with optional int8 quantisation) and moe_finalize_routing (its combine).
+
+torch_npu semantics, restated in SPEC §4 / §4b, with the NPU's undefined outputs defined: rows past the valid count
+are zero, `expanded_scale` is zero where it has no meaning, and `expanded_row_idx` is -1 for copies without a row
+(expert outside the active range, past `active_num`, or over capacity). torch_npu has no backward for these; ours do.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..reference import init_routing as ref
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_same_device, check_shape, check_tensor, on_cpu
+from ._registry import define
+
+# ---------------------------------------------------------------------------------------------------------------------
+# moe_init_routing_v2
+# ---------------------------------------------------------------------------------------------------------------------
+
+_INIT = "moe_init_routing_v2"
+_X_DTYPES = FLOAT_DTYPES + (torch.int8,)
+_SCALE_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_init_routing(
+    x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
+    expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
+):
+    """Validate; return the active expert range `(start, end)`."""
+    op = _INIT
+    check_tensor(op, "x", x, ndim=2, dtypes=_X_DTYPES)
+    check_tensor(op, "expert_idx", expert_idx, ndim=2, dtypes=INDEX_DTYPES)
+    check(
+        expert_idx.shape[0] == x.shape[0],
+        f"{op}: 'expert_idx' has {expert_idx.shape[0]} rows but 'x' has {x.shape[0]} (one row per token)",
+    )
+    check_same_device(op, x=x, expert_idx=expert_idx, scale=scale, offset=offset)
+    check(drop_pad_mode in (ref.DROPLESS, ref.DROP_PAD), f"{op}: 'drop_pad_mode' must be 0 or 1, got {drop_pad_mode}")
+    check(
+        quant_mode in (ref.NO_QUANT, ref.STATIC_QUANT, ref.DYNAMIC_QUANT),
+        f"{op}: unknown 'quant_mode' {quant_mode}; use -1 (none), 0 (static int8) or 1 (dynamic int8)",
+    )
+    check(row_idx_type in (0, 1), f"{op}: 'row_idx_type' must be 0 (gather) or 1 (scatter), got {row_idx_type}")
+    check(
+        expert_tokens_num_type in (ref.CUMSUM, ref.COUNT, ref.KEY_VALUE),
+        f"{op}: 'expert_tokens_num_type' must be 0 (cumsum), 1 (count) or 2 (key-value), got {expert_tokens_num_type}",
+    )
+
+    # Expert range.
+    check(
+        len(active_expert_range) in (0, 2),
+        f"{op}: 'active_expert_range' must be [] or [start, end], got {list(active_expert_range)}",
+    )
+    if len(active_expert_range) == 0:
+        check(expert_num > 0, f"{op}: 'expert_num' must be > 0 when 'active_expert_range' is empty, got {expert_num}")
+    start, end = ref.expert_range(expert_num, active_expert_range)
+    check(
+        0 <= start < end and (expert_num <= 0 or end <= expert_num),
+        f"{op}: 'active_expert_range' [{start}, {end}) must satisfy 0 <= start < end <= expert_num ({expert_num})",
+    )
+    if expert_tokens_num_flag and expert_tokens_num_type == ref.KEY_VALUE:
+        check(expert_num > 0, f"{op}: key-value counts (expert_tokens_num_type=2) need 'expert_num' > 0")
+
+    # Drop / pad.
+    if drop_pad_mode == ref.DROP_PAD:
+        check(expert_capacity > 0, f"{op}: 'expert_capacity' must be > 0 in drop/pad mode, got {expert_capacity}")
+        check(
+            start == 0 and end == expert_num,
+            f"{op}: drop/pad mode needs the full expert range [0, {expert_num}), got [{start}, {end})",
+        )
+        check(row_idx_type == 0, f"{op}: drop/pad mode only defines row_idx_type=0 (gather), got {row_idx_type}")
+
+    # Quantisation arguments.
+    hidden = x.shape[1]
+    if quant_mode == ref.NO_QUANT:
+        check(offset is None, f"{op}: 'offset' is only used with quant_mode=0 (static)")
+        if scale is not None:
+            check_tensor(op, "scale", scale, ndim=1, dtypes=_SCALE_DTYPES)
+            check_shape(op, "scale", scale, (x.shape[0],), "one scale per token when quant_mode=-1")
+    else:
+        check(x.dtype != torch.int8, f"{op}: 'x' is already int8; quant_mode={quant_mode} needs floating-point x")
+    if quant_mode == ref.DYNAMIC_QUANT:
+        check(offset is None, f"{op}: 'offset' is only used with quant_mode=0 (static)")
+        if scale is not None:
+            check_tensor(op, "scale", scale, ndim=2, dtypes=_SCALE_DTYPES)
+            check(
+                scale.shape[1] == hidden and scale.shape[0] in (1, end - start),
+                f"{op}: dynamic-quant smooth 'scale' must be [1, H] or [end - start, H] = [{end - start}, {hidden}], "
+                f"got {tuple(scale.shape)}",
+            )
+    if quant_mode == ref.STATIC_QUANT:
+        for name, t in (("scale", scale), ("offset", offset)):
+            check(t is not None, f"{op}: quant_mode=0 (static) needs '{name}'")
+            check_tensor(op, name, t, ndim=(1, 2), dtypes=_SCALE_DTYPES)
+            check(
+                t.shape[0] == 1 and (t.dim() == 1 or t.shape[1] == hidden),
+                f"{op}: static-quant '{name}' must be [1] or [1, H={hidden}], got {tuple(t.shape)}",
+            )
+    return start, end
+
+
+@define(
+    "moe_init_routing_v2(Tensor x, Tensor expert_idx, Tensor? scale, Tensor? offset, SymInt active_num, "
+    "SymInt expert_capacity, int expert_num, int drop_pad_mode, int expert_tokens_num_type, "
+    "bool expert_tokens_num_flag, int quant_mode, int[] active_expert_range, int row_idx_type) "
+    "-> (Tensor expanded_x, Tensor expanded_row_idx, Tensor expert_token_cumsum_or_count, Tensor expanded_scale)"
+)
+def moe_init_routing_v2_op(
+    x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
+    expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
+):
+    args = (
+        x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
+        expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
+    )
+    _check_init_routing(*args)
+    return ref.moe_init_routing_v2(*args)
+
+
+@moe_init_routing_v2_op.register_fake
+def _(
+    x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
+    expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
+):
+    start, end = _check_init_routing(
+        x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
+        expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
+    )
+    num_tokens, topk = expert_idx.shape
+    shape = ref.expanded_shape(
+        num_tokens, topk, x.shape[1], active_num=active_num, expert_capacity=expert_capacity,
+        expert_num=expert_num, drop_pad_mode=drop_pad_mode,
+    )
+    num_rows = shape[0] * shape[1] if len(shape) == 3 else shape[0]
+    x_dtype = x.dtype if quant_mode == ref.NO_QUANT else torch.int8
+    scale_dtype = scale.dtype if quant_mode == ref.NO_QUANT and scale is not None else torch.float32
+    count_shape = ref.count_shape(start, end, expert_num, expert_tokens_num_type, expert_tokens_num_flag)
+    return (
+        x.new_empty(shape, dtype=x_dtype),
+        x.new_empty((num_tokens * topk,), dtype=torch.int32),
+        x.new_empty(count_shape, dtype=torch.int64),
+        x.new_empty((num_rows,), dtype=scale_dtype),
+    )
+
+
+def _init_setup(ctx, inputs, output):
+    x, expert_idx, scale = inputs[:3]
+    ctx.quant_mode, ctx.row_idx_type = inputs[10], inputs[12]
+    ctx.topk = expert_idx.shape[1]
+    ctx.has_scale = scale is not None
+    ctx.save_for_backward(output[1])
+
+
+def _init_backward(ctx, grad_expanded_x, _grad_row_idx, _grad_counts, grad_expanded_scale):
+    # Quantised outputs are int8 and carry no gradient; their per-row scale is not differentiated either.
+    if ctx.quant_mode != ref.NO_QUANT:
+        return (None,) * 13
+    (expanded_row_idx,) = ctx.saved_tensors
+    need_scale = ctx.has_scale and ctx.needs_input_grad[2]
+    grad_x, grad_scale = ref.moe_init_routing_v2_backward(
+        grad_expanded_x, grad_expanded_scale if need_scale else None, expanded_row_idx, ctx.row_idx_type, ctx.topk
+    )
+    return (grad_x if ctx.needs_input_grad[0] else None, None, grad_scale) + (None,) * 10
+
+
+moe_init_routing_v2_op.register_autograd(_init_backward, setup_context=_init_setup)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# moe_finalize_routing
+# ---------------------------------------------------------------------------------------------------------------------
+
+_FIN = "moe_finalize_routing"
+
+
+def _finalize_topk(scales, expert_for_source_row, k):
+    """K of a finalize call: `k` if given, else the columns of `scales` or of the expert table (None if unknown)."""
+    if k is not None:
+        return k
+    for t in (scales, expert_for_source_row):
+        if t is not None and t.dim() == 2:
+            return t.shape[1]
+    return None
+
+
+def _check_finalize(expanded, skip1, skip2, bias, scales, row_idx, expert_for_source_row, drop_pad_mode, k):
+    """Validate; return (num_tokens, topk)."""
+    op = _FIN
+    check(drop_pad_mode in (0, 1, 2, 3), f"{op}: 'drop_pad_mode' must be 0, 1, 2 or 3, got {drop_pad_mode}")
+    drop = drop_pad_mode in ref.DROP_PAD_MODES
+    check_tensor(op, "expanded_permuted_rows", expanded, ndim=3 if drop else 2, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "expanded_src_to_dst_row", row_idx, ndim=1, dtypes=INDEX_DTYPES)
+    hidden = expanded.shape[-1]
+
+    # K comes from whichever argument carries it; all that do must agree.
+    topk = _finalize_topk(scales, expert_for_source_row, k)
+    check(topk is not None, f"{op}: pass 'k' when both 'scales' and 'expert_for_source_row' are None")
+    for name, t in (("scales", scales), ("expert_for_source_row", expert_for_source_row)):
+        if t is not None:
+            check_tensor(op, name, t, ndim=2)
+            check(t.shape[1] == topk, f"{op}: '{name}' has {t.shape[1]} columns but top-k is {topk}")
+    check(topk > 0, f"{op}: top-k must be > 0, got {topk}")
+    num_copies = row_idx.shape[0]
+    check(
+        num_copies % topk == 0,
+        f"{op}: 'expanded_src_to_dst_row' has {num_copies} entries, not num_rows * K for K={topk}",
+    )
+    num_tokens = num_copies // topk
+
+    if scales is not None:
+        check_tensor(op, "scales", scales, dtypes=FLOAT_DTYPES)
+        check_shape(op, "scales", scales, (num_tokens, topk), "[num_rows, K]")
+    if expert_for_source_row is not None:
+        check_tensor(op, "expert_for_source_row", expert_for_source_row, dtypes=INDEX_DTYPES)
+        check_shape(op, "expert_for_source_row", expert_for_source_row, (num_tokens, topk), "[num_rows, K]")
+    for name, t in (("skip1", skip1), ("skip2", skip2)):
+        if t is not None:
+            check_tensor(op, name, t, ndim=2, dtypes=FLOAT_DTYPES)
+            check_shape(op, name, t, (num_tokens, hidden), "the output shape [num_rows, H]")
+    if bias is not None:
+        check_tensor(op, "bias", bias, ndim=2, dtypes=FLOAT_DTYPES)
+        check(bias.shape[1] == hidden, f"{op}: 'bias' must be [E, H={hidden}], got {tuple(bias.shape)}")
+        check(expert_for_source_row is not None, f"{op}: 'bias' needs 'expert_for_source_row' to pick each row's expert")
+    check_same_device(
+        op, expanded_permuted_rows=expanded, skip1=skip1, skip2=skip2, bias=bias, scales=scales,
+        expanded_src_to_dst_row=row_idx, expert_for_source_row=expert_for_source_row,
+    )
+    return num_tokens, topk
+
+
+@define(
+    "moe_finalize_routing(Tensor expanded_permuted_rows, Tensor? skip1, Tensor? skip2, Tensor? bias, Tensor? scales, "
+    "Tensor expanded_src_to_dst_row, Tensor? expert_for_source_row, int drop_pad_mode, int? k) -> Tensor"
+)
+def moe_finalize_routing_op(
+    expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, k
+):
+    _, topk = _check_finalize(
+        expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row,
+        drop_pad_mode, k,
+    )
+    if on_cpu(expanded_src_to_dst_row):
+        _check_finalize_values(expanded_permuted_rows, bias, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, topk)
+    return ref.moe_finalize_routing(
+        expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row,
+        drop_pad_mode, topk,
+    )
+
+
+def _check_finalize_values(expanded, bias, row_idx, expert_for_source_row, drop_pad_mode, topk):
+    """CPU data checks: row indices in [-1, rows), and the expert of every used row inside `bias`."""
+    if row_idx.numel() == 0:
+        return
+    num_rows = expanded.reshape(-1, expanded.shape[-1]).shape[0]
+    low, high = int(row_idx.min()), int(row_idx.max())
+    check(
+        low >= -1 and high < num_rows,
+        f"{_FIN}: 'expanded_src_to_dst_row' must hold rows in [0, {num_rows}) or -1, found values in [{low}, {high}]",
+    )
+    if bias is not None:
+        idx = ref.finalize_index(row_idx, row_idx.shape[0] // topk, topk, drop_pad_mode)
+        used = expert_for_source_row[idx >= 0]
+        if used.numel():
+            low, high = int(used.min()), int(used.max())
+            check(
+                low >= 0 and high < bias.shape[0],
+                f"{_FIN}: 'expert_for_source_row' must hold experts in [0, {bias.shape[0]}) (rows of 'bias'), "
+                f"found values in [{low}, {high}]",
+            )
+
+
+@moe_finalize_routing_op.register_fake
+def _(expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, k):
+    num_tokens, _ = _check_finalize(
+        expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row,
+        drop_pad_mode, k,
+    )
+    return expanded_permuted_rows.new_empty((num_tokens, expanded_permuted_rows.shape[-1]))
+
+
+def _finalize_setup(ctx, inputs, output):
+    expanded, skip1, skip2, bias, scales, row_idx, expert_for_source_row, drop_pad_mode, k = inputs
+    ctx.save_for_backward(expanded, bias, scales, row_idx, expert_for_source_row)
+    ctx.drop_pad_mode = drop_pad_mode
+    ctx.topk = _finalize_topk(scales, expert_for_source_row, k)
+    ctx.skip_dtypes = tuple(s.dtype if s is not None else None for s in (skip1, skip2))
+
+
+def _finalize_backward(ctx, grad_out):
+    expanded, bias, scales, row_idx, expert_for_source_row = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_rows, grad_bias, grad_scales = ref.moe_finalize_routing_backward(
+        grad_out, expanded, bias, scales, row_idx, expert_for_source_row, ctx.drop_pad_mode, ctx.topk,
+        need_rows_grad=need[0], need_bias_grad=bias is not None and need[3],
+        need_scales_grad=scales is not None and need[4],
+    )
+    grad_skips = [
+        grad_out.to(dtype) if dtype is not None and need[1 + i] else None for i, dtype in enumerate(ctx.skip_dtypes)
+    ]
+    return grad_rows, grad_skips[0], grad_skips[1], grad_bias, grad_scales, None, None, None, None
+
+
+moe_finalize_routing_op.register_autograd(_finalize_backward, setup_context=_finalize_setup)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def moe_init_routing_v2(
+    x: Tensor,
+    expert_idx: Tensor,
+    *,
+    scale: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+    active_num: int = -1,
+    expert_capacity: int = -1,
+    expert_num: int = -1,
+    drop_pad_mode: int = 0,
+    expert_tokens_num_type: int = 0,
+    expert_tokens_num_flag: bool = False,
+    quant_mode: int = -1,
+    active_expert_range: Sequence[int] = (),
+    row_idx_type: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torch_npu `npu_moe_init_routing_v2`: `(expanded_x, expanded_row_idx, expert_token_cumsum_or_count, expanded_scale)`.
+
+    Copies of each token are sorted by expert (stable); `expanded_x[i] = x[order[i] // K]` (dropless) or slot
+    `e * C + rank` (drop_pad_mode=1). `quant_mode`: -1 none (the default here; torch_npu's default changed across
+    releases), 1 dynamic per-row int8, 0 static int8. Differentiable in `x` (and a per-token `scale`) when
+    `quant_mode=-1`.
+    """
+    return moe_init_routing_v2_op(
+        x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
+        expert_tokens_num_flag, quant_mode, list(active_expert_range), row_idx_type,
+    )
+
+
+def moe_finalize_routing(
+    expanded_permuted_rows: Tensor,
+    skip1: Optional[Tensor],
+    skip2: Optional[Tensor],
+    bias: Optional[Tensor],
+    scales: Optional[Tensor],
+    expanded_src_to_dst_row: Tensor,
+    export_for_source_row: Optional[Tensor] = None,
+    drop_pad_mode: int = 0,
+    k: Optional[int] = None,
+    *,
+    expert_for_source_row: Optional[Tensor] = None,
+) -> Tensor:
+    """torch_npu `npu_moe_finalize_routing`: `out[i] = skip1 + skip2 + sum_k scales[i,k] * (row(i,k) + bias[e(i,k)])`.
+
+    `row(i, k)` is `expanded_src_to_dst_row[k * N + i]` for drop_pad_mode 0/1 and `[i * K + k]` for 2/3 (use 2/3
+    with moe_init_routing_v2's `expanded_row_idx`); a -1 index drops the whole term. `export_for_source_row` keeps
+    torch_npu's spelling; `expert_for_source_row=` is accepted too. `k` is only needed when `scales` and the expert
+    table are both None.
+    """
+    if expert_for_source_row is not None:
+        if export_for_source_row is not None:
+            raise ValueError(f"{_FIN}: pass 'export_for_source_row' or 'expert_for_source_row', not both")
+        export_for_source_row = expert_for_source_row
+    return moe_finalize_routing_op(
+        expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, export_for_source_row,
+        drop_pad_mode, k,
+    )

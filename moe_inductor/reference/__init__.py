@@ -1,0 +1,9 @@
+"""Plain-torch implementations of every op: the CPU kernels and the oracle the device kernels are tested against.
+
+One module per op family. Nothing here registers anything or validates arguments (that is `moe_inductor.ops`);
+functions take already-checked arguments and return the op's outputs, forward and backward.
+"""
+
+from . import gmm, init_routing, multihot, permute
+
+__all__ = ["gmm", "init_routing", "multihot", "permute"]
