@@ -1,0 +1,29 @@
+"""The benchmark script runs end to end (tiny shape, CPU) and writes the JSON the GPU runs are compared with."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench.py")
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--shapes", "tiny", "--no-compile", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.iterdir()
+    data = json.loads(path.read_text())
+    assert {"gpu", "torch", "triton", "copy_bandwidth_bytes_per_ms"} <= set(data)
+    rows = {(r["op"], r["pass_"]) for r in data["results"]}
+    assert rows == {("indices_to_multihot", "fwd"), ("permute", "fwd"), ("permute", "bwd"), ("unpermute", "fwd"),
+                    ("unpermute", "bwd"), ("init_routing_v2 int8", "fwd")}
+    assert all(r["ours_ms"] > 0 and r["floor_ms"] > 0 and r["eager_ms"] > 0 for r in data["results"])
+    assert "ratio" in capsys.readouterr().out
