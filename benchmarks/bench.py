@@ -124,7 +124,7 @@ def make_routing(T, E, K, device, seed=0):
 def _check(ours, eager, what):
     ours = ours if isinstance(ours, (tuple, list)) else (ours,)
     eager = eager if isinstance(eager, (tuple, list)) else (eager,)
-    for a, b in zip(ours, eager):
+    for a, b in zip(ours, eager, strict=True):
         if a is None or b is None:
             continue
         if a.is_floating_point():
@@ -152,8 +152,20 @@ def run_shape(name, T, E, K, H, device, dtype, ops_wanted, compile_eager, bandwi
             compiled_ms = time_ms(compiled, device)
         ours_ms, eager_ms = time_ms(ours, device), time_ms(eager, device)
         floor_ms = floor_bytes / bandwidth
-        results.append(Result(op, pass_, name, str(dtype).replace("torch.", ""), ours_ms, floor_ms,
-                              ours_ms / floor_ms, eager_ms, compiled_ms, note))
+        results.append(
+            Result(
+                op,
+                pass_,
+                name,
+                str(dtype).replace("torch.", ""),
+                ours_ms,
+                floor_ms,
+                ours_ms / floor_ms,
+                eager_ms,
+                compiled_ms,
+                note,
+            )
+        )
 
     def compiled(fn):
         return torch.compile(fn) if compile_eager else None
@@ -171,13 +183,28 @@ def run_shape(name, T, E, K, H, device, dtype, ops_wanted, compile_eager, bandwi
     if "multihot" in ops_wanted:
         bytes_ = T * K * (indices.element_size() + probs.element_size()) + T * E * (1 + probs.element_size())
         eager = lambda: eager_multihot(indices, probs, E)  # noqa: E731
-        bench("indices_to_multihot", "fwd", lambda: ops.indices_to_multihot(indices, probs, E), eager,
-              compiled(eager), bytes_, check=eager, note="launch-bound: compare us, not ratio")
+        bench(
+            "indices_to_multihot",
+            "fwd",
+            lambda: ops.indices_to_multihot(indices, probs, E),
+            eager,
+            compiled(eager),
+            bytes_,
+            check=eager,
+            note="launch-bound: compare us, not ratio",
+        )
 
     if "permute" in ops_wanted:
         eager = lambda: megatron_permute_masked_select(x, routing_map, probs_map)  # noqa: E731
-        bench("permute", "fwd", lambda: ops.permute(x, routing_map, probs_map, num_out_tokens=rows), eager,
-              compiled(eager), (K + 1) * T * H * s, check=eager)
+        bench(
+            "permute",
+            "fwd",
+            lambda: ops.permute(x, routing_map, probs_map, num_out_tokens=rows),
+            eager,
+            compiled(eager),
+            (K + 1) * T * H * s,
+            check=eager,
+        )
 
         def ours_bwd(t):
             return ops.permute(t, routing_map, num_out_tokens=rows)[0]
@@ -186,9 +213,15 @@ def run_shape(name, T, E, K, H, device, dtype, ops_wanted, compile_eager, bandwi
             return megatron_permute_masked_select(t, routing_map)[0]
 
         grad = torch.randn(rows, H, device=device, dtype=dtype)
-        bench("permute", "bwd", backward_of(ours_bwd, (leaf(x),), grad), backward_of(eager_bwd, (leaf(x),), grad),
-              backward_of(compiled(eager_bwd), (leaf(x),), grad), (K + 1) * T * H * s,
-              check=backward_of(eager_bwd, (leaf(x, torch.float32),), grad.float()))
+        bench(
+            "permute",
+            "bwd",
+            backward_of(ours_bwd, (leaf(x),), grad),
+            backward_of(eager_bwd, (leaf(x),), grad),
+            backward_of(compiled(eager_bwd), (leaf(x),), grad),
+            (K + 1) * T * H * s,
+            check=backward_of(eager_bwd, (leaf(x, torch.float32),), grad.float()),
+        )
 
     if "unpermute" in ops_wanted:
         _, _, sorted_indices = ops.permute(x, routing_map, num_out_tokens=rows)
@@ -201,22 +234,33 @@ def run_shape(name, T, E, K, H, device, dtype, ops_wanted, compile_eager, bandwi
             return megatron_unpermute(y, sorted_indices, (T, H), p, routing_map)
 
         compiled_fn = compiled(eager_fn)
-        bench("unpermute", "fwd", lambda: ours_fn(permuted, probs_map), lambda: eager_fn(permuted, probs_map),
-              compiled_fn and (lambda: compiled_fn(permuted, probs_map)), (K + 1) * T * H * s,
-              check=lambda: eager_fn(permuted.float(), probs_map))
+        bench(
+            "unpermute",
+            "fwd",
+            lambda: ours_fn(permuted, probs_map),
+            lambda: eager_fn(permuted, probs_map),
+            compiled_fn and (lambda: compiled_fn(permuted, probs_map)),
+            (K + 1) * T * H * s,
+            check=lambda: eager_fn(permuted.float(), probs_map),
+        )
         grad = torch.randn(T, H, device=device, dtype=dtype)
-        bench("unpermute", "bwd",
-              backward_of(ours_fn, (leaf(permuted), leaf(probs_map)), grad),
-              backward_of(eager_fn, (leaf(permuted), leaf(probs_map)), grad),
-              backward_of(compiled(eager_fn), (leaf(permuted), leaf(probs_map)), grad), (2 * K + 1) * T * H * s,
-              check=backward_of(eager_fn, (leaf(permuted, torch.float32), leaf(probs_map)), grad.float()))
+        bench(
+            "unpermute",
+            "bwd",
+            backward_of(ours_fn, (leaf(permuted), leaf(probs_map)), grad),
+            backward_of(eager_fn, (leaf(permuted), leaf(probs_map)), grad),
+            backward_of(compiled(eager_fn), (leaf(permuted), leaf(probs_map)), grad),
+            (2 * K + 1) * T * H * s,
+            check=backward_of(eager_fn, (leaf(permuted, torch.float32), leaf(probs_map)), grad.float()),
+        )
 
     if "init_routing_quant" in ops_wanted:
         idx32 = indices.int()
 
         def ours():
-            return ops.moe_init_routing_v2(x, idx32, expert_num=E, quant_mode=1, expert_tokens_num_flag=True,
-                                           expert_tokens_num_type=1)
+            return ops.moe_init_routing_v2(
+                x, idx32, expert_num=E, quant_mode=1, expert_tokens_num_flag=True, expert_tokens_num_type=1
+            )
 
         eager = lambda: eager_init_routing_quant(x, idx32, E)  # noqa: E731
         # Quantised values may differ by one step where the two divide differently; check the rest exactly.
@@ -231,15 +275,19 @@ def run_shape(name, T, E, K, H, device, dtype, ops_wanted, compile_eager, bandwi
 
 def print_table(results, bandwidth, meta):
     print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  copy bandwidth {bandwidth / 1e9:.2f} TB/s")
-    header = f"{'op':<22}{'pass':<5}{'shape':<12}{'dtype':<9}{'ours ms':>10}{'floor ms':>10}{'ratio':>8}" \
-             f"{'eager ms':>10}{'compiled':>10}{'vs eager':>9}{'vs comp':>9}"
+    header = (
+        f"{'op':<22}{'pass':<5}{'shape':<12}{'dtype':<9}{'ours ms':>10}{'floor ms':>10}{'ratio':>8}"
+        f"{'eager ms':>10}{'compiled':>10}{'vs eager':>9}{'vs comp':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
         comp = f"{r.compiled_eager_ms:10.3f}" if r.compiled_eager_ms is not None else f"{'-':>10}"
         vs_comp = f"{r.compiled_eager_ms / r.ours_ms:8.2f}x" if r.compiled_eager_ms else f"{'-':>9}"
-        print(f"{r.op:<22}{r.pass_:<5}{r.shape:<12}{r.dtype:<9}{r.ours_ms:10.3f}{r.floor_ms:10.3f}{r.ratio:8.2f}"
-              f"{r.eager_ms:10.3f}{comp}{r.eager_ms / r.ours_ms:8.2f}x{vs_comp}")
+        print(
+            f"{r.op:<22}{r.pass_:<5}{r.shape:<12}{r.dtype:<9}{r.ours_ms:10.3f}{r.floor_ms:10.3f}{r.ratio:8.2f}"
+            f"{r.eager_ms:10.3f}{comp}{r.eager_ms / r.ours_ms:8.2f}x{vs_comp}"
+        )
 
 
 def main(argv=None) -> int:
@@ -279,8 +327,9 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
         with open(path, "w") as f:  # after every shape, so a run cut short still leaves its numbers
-            json.dump({**meta, "copy_bandwidth_bytes_per_ms": bandwidth,
-                       "results": [asdict(r) for r in results]}, f, indent=1)
+            json.dump(
+                {**meta, "copy_bandwidth_bytes_per_ms": bandwidth, "results": [asdict(r) for r in results]}, f, indent=1
+            )
     print(f"wrote {path}")
     print_table(results, bandwidth, meta)
     return 0

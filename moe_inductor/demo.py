@@ -70,11 +70,11 @@ def main(argv=None) -> int:
     parser.add_argument("--intermediate", type=int, default=24)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
     args = parser.parse_args(argv)
-    T, H, E, K, I = args.tokens, args.hidden, args.experts, args.topk, args.intermediate
+    T, H, E, K, inter = args.tokens, args.hidden, args.experts, args.topk, args.intermediate
 
-    inputs = _inputs(T, H, E, I)
+    inputs = _inputs(T, H, E, inter)
     grad_out = torch.randn(T, H, generator=torch.Generator().manual_seed(1))
-    print(f"MoE layer: {T} tokens, hidden {H}, {E} experts, top-{K}, expert width {I} (float32, CPU)")
+    print(f"MoE layer: {T} tokens, hidden {H}, {E} experts, top-{K}, expert width {inter} (float32, CPU)")
     print("  router top-k -> indices_to_multihot -> permute -> gmm_v2 -> SiLU*up -> gmm_v2 -> unpermute")
 
     ref_out, ref_grads = _forward_backward(loop_reference, inputs, K, grad_out.double())
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         out, grads = _forward_backward(fn, inputs, K, grad_out)
         seconds = time.perf_counter() - start
         out_err = (out.double() - ref_out).abs().max().item()
-        grad_err = max((g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads))
+        grad_err = max((g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads, strict=True))
         good = out_err < 1e-4 and grad_err < 1e-4
         ok &= good
         print(f"  {name:<32}{out_err:>18.2e}{grad_err:>19.2e}{seconds:>9.2f}  {'ok' if good else 'MISMATCH'}")

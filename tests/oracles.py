@@ -72,8 +72,20 @@ def multihot_loop(indices, probs, num_local_experts):
 
 
 def init_routing_loop(
-    x, expert_idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1, expert_num=-1, drop_pad_mode=0,
-    expert_tokens_num_type=0, expert_tokens_num_flag=False, quant_mode=-1, active_expert_range=(), row_idx_type=0,
+    x,
+    expert_idx,
+    *,
+    scale=None,
+    offset=None,
+    active_num=-1,
+    expert_capacity=-1,
+    expert_num=-1,
+    drop_pad_mode=0,
+    expert_tokens_num_type=0,
+    expert_tokens_num_flag=False,
+    quant_mode=-1,
+    active_expert_range=(),
+    row_idx_type=0,
 ):
     num_tokens, topk = expert_idx.shape
     hidden = x.shape[1]
@@ -104,7 +116,9 @@ def init_routing_loop(
 
     out_dtype = x.dtype if quant_mode == -1 else torch.int8
     expanded_x = torch.zeros(num_rows, hidden, dtype=out_dtype)
-    expanded_scale = torch.zeros(num_rows, dtype=scale.dtype if (scale is not None and quant_mode == -1) else torch.float32)
+    expanded_scale = torch.zeros(
+        num_rows, dtype=scale.dtype if (scale is not None and quant_mode == -1) else torch.float32
+    )
     for row, j in copy_of_row.items():
         t, e = j // topk, ids[j]
         if quant_mode == -1:

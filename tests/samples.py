@@ -34,8 +34,18 @@ def rand(*shape, dtype=F32, seed=0, grad=False) -> torch.Tensor:
     return t.requires_grad_(grad)
 
 
-def topk_routing(num_tokens, num_experts, topk, *, seed=0, skew=False, unrouted=0.0, foreign=0.0,
-                 id_dtype=torch.int64, prob_dtype=F32):
+def topk_routing(
+    num_tokens,
+    num_experts,
+    topk,
+    *,
+    seed=0,
+    skew=False,
+    unrouted=0.0,
+    foreign=0.0,
+    id_dtype=torch.int64,
+    prob_dtype=F32,
+):
     """Top-k of a softmax over random logits; optionally a few hot experts, `-1` ids and ids of other ranks."""
     g = _gen(seed)
     logits = torch.randn(num_tokens, num_experts, generator=g)
@@ -117,7 +127,9 @@ def _npu_permute():
         tokens_dtype = pdt if pdt is not None else BF16
         tokens = rand(T, 10, dtype=tokens_dtype, seed=T + E, grad=True)
         probs = _grad(pmap.to(pdt)) if pdt is not None else None
-        out.append(Sample(name, (tokens, rmap, probs, n, pad), compile=name in ("dropless_T7_E5_K3_f32", "pad_underfull_C4")))
+        out.append(
+            Sample(name, (tokens, rmap, probs, n, pad), compile=name in ("dropless_T7_E5_K3_f32", "pad_underfull_C4"))
+        )
     return out
 
 
@@ -127,8 +139,13 @@ def _npu_unpermute():
         tokens, rmap, probs, n, pad = s.args
         _, _, sorted_indices = npu_permute_formula(tokens.detach(), rmap, None, n, pad)
         permuted = rand(sorted_indices.shape[0], tokens.shape[1], dtype=tokens.dtype, seed=11, grad=True)
-        out.append(Sample(s.name, (permuted, sorted_indices, [tokens.shape[0], tokens.shape[1]], probs, rmap, pad),
-                          compile=s.compile))
+        out.append(
+            Sample(
+                s.name,
+                (permuted, sorted_indices, [tokens.shape[0], tokens.shape[1]], probs, rmap, pad),
+                compile=s.compile,
+            )
+        )
     return out
 
 
@@ -155,8 +172,13 @@ def _megatron_permute():
             rmap = rmap.to(torch.int8)
         tokens = rand(T, 10, dtype=pdt if pdt is not None else BF16, seed=T * E + 1, grad=True)
         probs = _grad(pmap.to(pdt)) if pdt is not None else None
-        out.append(Sample(name, (tokens, rmap, probs, n, pad),
-                          compile=name in ("masked_select_unrouted_f32", "pad_underfull", "static_count_T7_E5_K3")))
+        out.append(
+            Sample(
+                name,
+                (tokens, rmap, probs, n, pad),
+                compile=name in ("masked_select_unrouted_f32", "pad_underfull", "static_count_T7_E5_K3"),
+            )
+        )
     return out
 
 
@@ -168,17 +190,48 @@ def _megatron_unpermute():
             continue  # Megatron's unpermute only pairs with permutes that keep every routed pair
         _, _, sorted_indices = megatron_permute_masked_select(tokens.detach(), rmap, None, n, pad and n is not None)
         permuted = rand(sorted_indices.shape[0], tokens.shape[1], dtype=tokens.dtype, seed=12, grad=True)
-        out.append(Sample(s.name, (permuted, sorted_indices, [tokens.shape[0], tokens.shape[1]], probs, rmap,
-                                   pad and n is not None), compile=s.compile))
+        out.append(
+            Sample(
+                s.name,
+                (permuted, sorted_indices, [tokens.shape[0], tokens.shape[1]], probs, rmap, pad and n is not None),
+                compile=s.compile,
+            )
+        )
     return out
 
 
-def init_routing_args(x, idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1, expert_num=-1,
-                      drop_pad_mode=0, expert_tokens_num_type=0, expert_tokens_num_flag=False, quant_mode=-1,
-                      active_expert_range=(), row_idx_type=0):
+def init_routing_args(
+    x,
+    idx,
+    *,
+    scale=None,
+    offset=None,
+    active_num=-1,
+    expert_capacity=-1,
+    expert_num=-1,
+    drop_pad_mode=0,
+    expert_tokens_num_type=0,
+    expert_tokens_num_flag=False,
+    quant_mode=-1,
+    active_expert_range=(),
+    row_idx_type=0,
+):
     """Positional argument tuple of the op, from torch_npu-style keywords."""
-    return (x, idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
-            expert_tokens_num_flag, quant_mode, list(active_expert_range), row_idx_type)
+    return (
+        x,
+        idx,
+        scale,
+        offset,
+        active_num,
+        expert_capacity,
+        expert_num,
+        drop_pad_mode,
+        expert_tokens_num_type,
+        expert_tokens_num_flag,
+        quant_mode,
+        list(active_expert_range),
+        row_idx_type,
+    )
 
 
 def init_routing_cases():
@@ -189,43 +242,122 @@ def init_routing_cases():
     def add(name, T, E, K, x_dtype=F32, id_dtype=torch.int32, seed=0, routing=None, **kw):
         idx, _ = topk_routing(T, E, K, seed=seed, id_dtype=id_dtype, **(routing or {}))
         differentiable = kw.get("quant_mode", -1) == -1 and x_dtype != torch.int8
-        x = rand(T, H, dtype=x_dtype, seed=seed + 1, grad=differentiable) if x_dtype != torch.int8 else \
-            torch.randint(-100, 100, (T, H), generator=_gen(seed), dtype=torch.int8)
+        x = (
+            rand(T, H, dtype=x_dtype, seed=seed + 1, grad=differentiable)
+            if x_dtype != torch.int8
+            else torch.randint(-100, 100, (T, H), generator=_gen(seed), dtype=torch.int8)
+        )
         kw.setdefault("expert_num", E)
         cases.append((name, x, idx, kw))
 
     add("dropless_T7_E6_K3_count", 7, 6, 3, expert_tokens_num_flag=True, expert_tokens_num_type=1)
-    add("range_1_4_active_num_scatter_idx_i64", 9, 6, 3, id_dtype=torch.int64, seed=1, active_expert_range=[1, 4],
-        active_num=5, row_idx_type=1, expert_tokens_num_flag=True, expert_tokens_num_type=0)
-    add("range_2_5_gather_idx_bf16", 11, 7, 2, x_dtype=BF16, seed=2, active_expert_range=[2, 5],
-        expert_tokens_num_flag=True, expert_tokens_num_type=2)
-    add("drop_pad_C2_skewed_keyvalue", 13, 5, 2, seed=3, routing=dict(skew=True), drop_pad_mode=1,
-        expert_capacity=2, expert_tokens_num_flag=True, expert_tokens_num_type=2)
-    add("drop_pad_C9_underfull", 7, 5, 3, seed=4, drop_pad_mode=1, expert_capacity=9, expert_tokens_num_flag=True,
-        expert_tokens_num_type=1)
+    add(
+        "range_1_4_active_num_scatter_idx_i64",
+        9,
+        6,
+        3,
+        id_dtype=torch.int64,
+        seed=1,
+        active_expert_range=[1, 4],
+        active_num=5,
+        row_idx_type=1,
+        expert_tokens_num_flag=True,
+        expert_tokens_num_type=0,
+    )
+    add(
+        "range_2_5_gather_idx_bf16",
+        11,
+        7,
+        2,
+        x_dtype=BF16,
+        seed=2,
+        active_expert_range=[2, 5],
+        expert_tokens_num_flag=True,
+        expert_tokens_num_type=2,
+    )
+    add(
+        "drop_pad_C2_skewed_keyvalue",
+        13,
+        5,
+        2,
+        seed=3,
+        routing=dict(skew=True),
+        drop_pad_mode=1,
+        expert_capacity=2,
+        expert_tokens_num_flag=True,
+        expert_tokens_num_type=2,
+    )
+    add(
+        "drop_pad_C9_underfull",
+        7,
+        5,
+        3,
+        seed=4,
+        drop_pad_mode=1,
+        expert_capacity=9,
+        expert_tokens_num_flag=True,
+        expert_tokens_num_type=1,
+    )
     add("dynamic_quant_bf16", 9, 6, 3, x_dtype=BF16, seed=5, quant_mode=1)
     add("dynamic_quant_shared_smooth", 9, 6, 3, seed=6, quant_mode=1, scale=rand(1, H, seed=60).abs() + 0.5)
-    add("dynamic_quant_expert_smooth_range", 9, 6, 3, seed=7, quant_mode=1, active_expert_range=[1, 5],
-        scale=rand(4, H, seed=70).abs() + 0.5)
+    add(
+        "dynamic_quant_expert_smooth_range",
+        9,
+        6,
+        3,
+        seed=7,
+        quant_mode=1,
+        active_expert_range=[1, 5],
+        scale=rand(4, H, seed=70).abs() + 0.5,
+    )
     add("static_quant", 7, 5, 2, seed=8, quant_mode=0, scale=torch.tensor([3.0]), offset=torch.tensor([1.5]))
     add("no_quant_token_scale", 7, 5, 2, seed=9, scale=rand(7, seed=90, grad=True))
     add("int8_x_passthrough", 7, 5, 2, x_dtype=torch.int8, seed=10)
+    add(
+        "minus_one_ids_sort_to_tail",
+        11,
+        6,
+        3,
+        seed=13,
+        routing=dict(unrouted=0.3),
+        expert_tokens_num_flag=True,
+        expert_tokens_num_type=1,
+    )
     add("one_expert", 5, 1, 1, seed=11, expert_tokens_num_flag=True)
     add("T0", 0, 5, 2, seed=12, expert_tokens_num_flag=True, expert_tokens_num_type=1)
     return cases
 
 
 def _init_routing():
-    return [Sample(name, init_routing_args(x, idx, **kw), compile=name in ("dropless_T7_E6_K3_count", "drop_pad_C2_skewed_keyvalue"))
-            for name, x, idx, kw in init_routing_cases()]
+    return [
+        Sample(
+            name,
+            init_routing_args(x, idx, **kw),
+            compile=name in ("dropless_T7_E6_K3_count", "drop_pad_C2_skewed_keyvalue"),
+        )
+        for name, x, idx, kw in init_routing_cases()
+    ]
 
 
 def _finalize():
     out = []
     H = 10
 
-    def from_init(name, T, E, K, drop, column_major, seed, with_skip=True, with_bias=True, with_scales=True,
-                  dtype=F32, k=None, compile=False):
+    def from_init(
+        name,
+        T,
+        E,
+        K,
+        drop,
+        column_major,
+        seed,
+        with_skip=True,
+        with_bias=True,
+        with_scales=True,
+        dtype=F32,
+        k=None,
+        compile=False,
+    ):
         idx, probs = topk_routing(T, E, K, seed=seed, id_dtype=torch.int32)
         x = rand(T, H, seed=seed)
         kw = dict(expert_num=E, drop_pad_mode=1 if drop else 0, expert_capacity=2 if drop else -1)
@@ -259,17 +391,46 @@ def _gmm(cumulative: bool):
         return t.cumsum(0) if cumulative else t
 
     M, K, N = 13, 6, 5
-    out.append(Sample("split_m_empty_group_bias_tail", (rand(M, K, grad=True), rand(4, K, N, seed=1, grad=True),
-                                                        rand(4, N, seed=2, grad=True), groups([3, 0, 6, 2]), 0),
-                      compile=True))
+    out.append(
+        Sample(
+            "split_m_empty_group_bias_tail",
+            (
+                rand(M, K, grad=True),
+                rand(4, K, N, seed=1, grad=True),
+                rand(4, N, seed=2, grad=True),
+                groups([3, 0, 6, 2]),
+                0,
+            ),
+            compile=True,
+        )
+    )
     w_t = rand(3, N, K, seed=3).transpose(1, 2).detach().requires_grad_(True)  # [G, K, N] view of [G, N, K]
-    out.append(Sample("split_m_transposed_weight_i32", (rand(M, K, seed=4, grad=True), w_t, None,
-                                                        groups([5, 1, 7]).to(torch.int32), 0)))
-    out.append(Sample("split_m_one_group_bf16", (rand(M, K, dtype=BF16, seed=5, grad=True),
-                                                 rand(1, K, N, dtype=BF16, seed=6, grad=True), None, groups([M]), 0)))
+    out.append(
+        Sample(
+            "split_m_transposed_weight_i32",
+            (rand(M, K, seed=4, grad=True), w_t, None, groups([5, 1, 7]).to(torch.int32), 0),
+        )
+    )
+    out.append(
+        Sample(
+            "split_m_one_group_bf16",
+            (
+                rand(M, K, dtype=BF16, seed=5, grad=True),
+                rand(1, K, N, dtype=BF16, seed=6, grad=True),
+                None,
+                groups([M]),
+                0,
+            ),
+        )
+    )
     out.append(Sample("split_m_M0", (rand(0, K, grad=True), rand(2, K, N, seed=7, grad=True), None, groups([0, 0]), 0)))
-    out.append(Sample("split_k_empty_group", (rand(5, 9, seed=8, grad=True), rand(9, 4, seed=9, grad=True), None,
-                                              groups([4, 0, 3]), 2), compile=True))
+    out.append(
+        Sample(
+            "split_k_empty_group",
+            (rand(5, 9, seed=8, grad=True), rand(9, 4, seed=9, grad=True), None, groups([4, 0, 3]), 2),
+            compile=True,
+        )
+    )
     return out
 
 
@@ -305,8 +466,10 @@ def all_samples(compile_only: bool = False):
 
 def to_float64(args: tuple) -> tuple:
     """Floating tensors to float64 (requires_grad kept), for gradcheck."""
+
     def convert(a):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a.detach().to(torch.float64).requires_grad_(a.requires_grad)
         return a
+
     return tuple(convert(a) for a in args)

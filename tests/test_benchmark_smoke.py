@@ -23,7 +23,13 @@ def test_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch):
     data = json.loads(path.read_text())
     assert {"gpu", "torch", "triton", "copy_bandwidth_bytes_per_ms"} <= set(data)
     rows = {(r["op"], r["pass_"]) for r in data["results"]}
-    assert rows == {("indices_to_multihot", "fwd"), ("permute", "fwd"), ("permute", "bwd"), ("unpermute", "fwd"),
-                    ("unpermute", "bwd"), ("init_routing_v2 int8", "fwd")}
+    assert rows == {
+        ("indices_to_multihot", "fwd"),
+        ("permute", "fwd"),
+        ("permute", "bwd"),
+        ("unpermute", "fwd"),
+        ("unpermute", "bwd"),
+        ("init_routing_v2 int8", "fwd"),
+    }
     assert all(r["ours_ms"] > 0 and r["floor_ms"] > 0 and r["eager_ms"] > 0 for r in data["results"])
     assert "ratio" in capsys.readouterr().out

@@ -41,12 +41,12 @@ def _run(op, args, grad_seed=0):
 
 def _compare(cuda, cpu):
     (outs_c, grads_c), (outs_h, grads_h) = cuda, cpu
-    for a, e in zip(outs_c, outs_h):
+    for a, e in zip(outs_c, outs_h, strict=True):
         if a.is_floating_point():
             torch.testing.assert_close(a.cpu(), e, rtol=1e-4, atol=1e-4)
         else:
             assert torch.equal(a.cpu(), e)
-    for a, e in zip(grads_c, grads_h):
+    for a, e in zip(grads_c, grads_h, strict=True):
         if e is None:
             assert a is None
         else:

@@ -40,7 +40,7 @@ def test_split_m_matches_loop(sizes, M, dtype, transposed):
     assert out_cumsum.dtype == dtype and out_cumsum.shape == (M, N)
     torch.testing.assert_close(out_cumsum.double(), expected, **TOL[dtype])
     assert torch.equal(out_cumsum, out_counts)
-    assert not out_cumsum[ends[-1]:].any()  # rows past the last group stay zero
+    assert not out_cumsum[ends[-1] :].any()  # rows past the last group stay zero
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,14 +78,17 @@ def test_seed_004_examples():
     weight = ((torch.rand(num_expert, hidden_dim, seq_len, generator=gen) - 0.5).half()).requires_grad_()
     group_list = [1, 3, 6, 10, 15, 21, 28, 32]
     result = ops.npu_gmm(x, weight, bias=None, group_list=group_list, group_type=0)
-    torch.testing.assert_close(result.double(), gmm_loop(x.detach(), weight.detach(), None, group_list, 0), **TOL[torch.float16])
+    torch.testing.assert_close(
+        result.double(), gmm_loop(x.detach(), weight.detach(), None, group_list, 0), **TOL[torch.float16]
+    )
     result.backward(torch.ones(result.shape, dtype=result.dtype))
     assert x.grad.shape == x.shape and weight.grad.shape == weight.shape
 
     weight_trans = ((torch.rand(num_expert, seq_len, hidden_dim, generator=gen) - 0.5).half()).requires_grad_()
     result = ops.npu_gmm(x, weight_trans.transpose(-1, -2), bias=None, group_list=group_list, group_type=0)
     torch.testing.assert_close(
-        result.double(), gmm_loop(x.detach(), weight_trans.detach().transpose(-1, -2), None, group_list, 0),
+        result.double(),
+        gmm_loop(x.detach(), weight_trans.detach().transpose(-1, -2), None, group_list, 0),
         **TOL[torch.float16],
     )
     # The seed's npu_gmm_v2 example passes counts [1, 3, 3, 4, 5, 6, 7, 4], which sum to 33 > 32 rows:
@@ -96,7 +99,9 @@ def test_seed_004_examples():
 
 def test_errors():
     x, w = rand(10, 4), rand(3, 4, 5)
-    with pytest.raises(ValueError, match="'group_list' \\(cumulative offsets\\) must be non-negative and non-decreasing"):
+    with pytest.raises(
+        ValueError, match="'group_list' \\(cumulative offsets\\) must be non-negative and non-decreasing"
+    ):
         ops.gmm(x, w, group_list=[4, 2, 10])
     with pytest.raises(ValueError, match="'group_list' \\(per-group counts\\) must be non-negative"):
         ops.gmm_v2(x, w, group_list=torch.tensor([4, -1, 3]))

@@ -16,7 +16,9 @@ CASES = init_routing_cases()
 def test_init_routing_matches_loop(name, x, idx, kw):
     actual = ops.moe_init_routing_v2(x, idx, **kw)
     expected = init_routing_loop(x.detach(), idx, **kw)
-    for a, e, what in zip(actual, expected, ("expanded_x", "expanded_row_idx", "counts", "expanded_scale")):
+    for a, e, what in zip(
+        actual, expected, ("expanded_x", "expanded_row_idx", "counts", "expanded_scale"), strict=True
+    ):
         assert a.dtype == e.dtype and a.shape == e.shape, what
         assert torch.equal(a.detach(), e), what
 
@@ -27,15 +29,25 @@ def test_seed_002_example_call():
     x = torch.randn(1, 613, generator=gen)
     expert_idx = torch.randint(0, 226, (1, 475), generator=gen, dtype=torch.int32)
     scale = torch.randn(1, generator=gen)
-    kw = dict(scale=scale, offset=None, active_num=475, expert_capacity=-1, expert_num=226, drop_pad_mode=0,
-              expert_tokens_num_type=1, expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[23, 35],
-              row_idx_type=0)
+    kw = dict(
+        scale=scale,
+        offset=None,
+        active_num=475,
+        expert_capacity=-1,
+        expert_num=226,
+        drop_pad_mode=0,
+        expert_tokens_num_type=1,
+        expert_tokens_num_flag=True,
+        quant_mode=-1,
+        active_expert_range=[23, 35],
+        row_idx_type=0,
+    )
     expanded_x, row_idx, counts, expanded_scale = ops.npu_moe_init_routing_v2(x, expert_idx, **kw)
     expected = init_routing_loop(x, expert_idx, **kw)
     avail = int(((expert_idx >= 23) & (expert_idx < 35)).sum())
     assert expanded_x.shape == (475, 613) and counts.shape == (12,) and int(counts.sum()) == avail
     assert torch.equal(expanded_x[:avail], x.expand(avail, -1)) and not expanded_x[avail:].any()
-    for a, e in zip((expanded_x, row_idx, counts, expanded_scale), expected):
+    for a, e in zip((expanded_x, row_idx, counts, expanded_scale), expected, strict=True):
         assert torch.equal(a, e)
 
 
@@ -93,7 +105,11 @@ def test_finalize_matches_loop(mode, dtype):
     if mode in (0, 1):
         row_idx = row_idx.view(T, K).t().reshape(-1).contiguous()
     expanded = rand(*((E, C, H) if drop else (T * K, H)), dtype=dtype, seed=10)
-    skip1, skip2, bias = rand(T, H, dtype=dtype, seed=11), rand(T, H, dtype=dtype, seed=12), rand(E, H, dtype=dtype, seed=13)
+    skip1, skip2, bias = (
+        rand(T, H, dtype=dtype, seed=11),
+        rand(T, H, dtype=dtype, seed=12),
+        rand(E, H, dtype=dtype, seed=13),
+    )
     scales = probs.to(dtype)
     out = ops.moe_finalize_routing(expanded, skip1, skip2, bias, scales, row_idx, idx, mode)
     expected = finalize_loop(expanded, skip1, skip2, bias, scales, row_idx, idx, mode, K)
@@ -108,8 +124,9 @@ def test_finalize_optional_inputs():
     out = ops.moe_finalize_routing(rows, None, None, None, None, row_idx, None, 2, k=2)
     expected = torch.stack([rows[5] + rows[0], rows[2], rows[3] + rows[1]])
     torch.testing.assert_close(out, expected)
-    out2 = ops.moe_finalize_routing(rows, None, None, None, torch.ones(3, 2), row_idx, None, 2,
-                                    expert_for_source_row=None)
+    out2 = ops.moe_finalize_routing(
+        rows, None, None, None, torch.ones(3, 2), row_idx, None, 2, expert_for_source_row=None
+    )
     torch.testing.assert_close(out2, expected)
 
 

@@ -40,7 +40,9 @@ def test_seed_000_multihot_to_indices_example():
     [
         pytest.param(37, 11, 5, {}, id="T37_L11_K5"),
         pytest.param(29, 6, 4, dict(unrouted=0.3, foreign=0.3, seed=1), id="unrouted_and_foreign_ids"),
-        pytest.param(17, 9, 3, dict(skew=True, seed=2, id_dtype=torch.int32, prob_dtype=torch.bfloat16), id="skew_bf16"),
+        pytest.param(
+            17, 9, 3, dict(skew=True, seed=2, id_dtype=torch.int32, prob_dtype=torch.bfloat16), id="skew_bf16"
+        ),
         pytest.param(6, 1, 1, {}, id="one_expert"),
         pytest.param(0, 4, 2, {}, id="T0"),
     ],

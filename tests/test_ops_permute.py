@@ -12,7 +12,7 @@ from oracles import (
     megatron_unpermute,
     npu_permute_formula,
 )
-from samples import rand, routing_map, topk_routing
+from samples import rand, routing_map
 
 # (T, E, K, routing keywords): non-powers of two, one expert, skew, unrouted (-1) slots.
 ROUTINGS = [
@@ -40,7 +40,7 @@ def test_megatron_dropless_equals_masked_select_code(T, E, K, kw):
     tokens = rand(T, 17, seed=3)
     expected = megatron_permute_masked_select(tokens, rmap, pmap)
     actual = ops.permute(tokens, rmap, pmap)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         _bitwise(a, e)
 
     permuted = rand(*expected[0].shape, seed=4)
@@ -62,7 +62,7 @@ def test_megatron_static_num_out_tokens_equals_argsort_code(T, E, K, kw, rows):
     expected = megatron_permute_argsort(tokens, rmap, pmap, num_out_tokens=n)
     actual = ops.permute(tokens, rmap, pmap, num_out_tokens=n)
     assert actual[0].shape[0] == n
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         _bitwise(a, e)
 
 
@@ -81,7 +81,7 @@ def test_megatron_drop_and_pad_equals_argsort_code(T, E, K, capacity, kw):
     n = capacity * E
     expected = megatron_permute_masked_select(tokens, rmap, pmap, num_out_tokens=n, drop_and_pad=True)
     actual = ops.permute(tokens, rmap, pmap, num_out_tokens=n, drop_and_pad=True)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         _bitwise(a, e)
     counts = rmap.sum(0)
     if E > 1:
@@ -109,7 +109,11 @@ def test_megatron_capacity_above_T_keeps_every_token_once():
 def test_megatron_drop_and_pad_without_num_out_tokens_is_dropless():
     rmap, pmap = routing_map(9, 5, 2, seed=3)
     tokens = rand(9, 4)
-    for a, e in zip(ops.permute(tokens, rmap, pmap, drop_and_pad=True), megatron_permute_masked_select(tokens, rmap, pmap)):
+    for a, e in zip(
+        ops.permute(tokens, rmap, pmap, drop_and_pad=True),
+        megatron_permute_masked_select(tokens, rmap, pmap),
+        strict=True,
+    ):
         _bitwise(a, e)
 
 
@@ -127,7 +131,7 @@ def test_megatron_gradients_equal_autograd_through_eager_code():
 
     expected = grads(megatron_permute_masked_select, megatron_unpermute)
     actual = grads(lambda x, r, p: ops.permute(x, r, p), lambda y, i, s, p, r: ops.unpermute(y, i, s, p, r))
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
 
 
@@ -159,7 +163,7 @@ def test_npu_dropless_equals_seed_formula(T, E, K, kw):
     tokens = rand(T, 11, seed=16)
     expected = npu_permute_formula(tokens, rmap, pmap, num_out_tokens=T * K)
     actual = ops.moe_token_permute_with_routing_map(tokens, rmap, probs=pmap, num_out_tokens=T * K)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         _bitwise(a, e)
     # The inverse map is the stable argsort of Megatron's forward map.
     forward = ops.permute(tokens, rmap, num_out_tokens=T * K)[2]
@@ -180,7 +184,7 @@ def test_npu_drop_and_pad_equals_seed_formula(T, E, K, capacity, kw):
     actual = ops.moe_token_permute_with_routing_map(
         tokens, rmap.to(torch.int8), probs=pmap, num_out_tokens=capacity * E + 1, drop_and_pad=True
     )
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         _bitwise(a, e)
 
 
@@ -189,7 +193,7 @@ def test_npu_num_out_tokens_none_means_one_expert_per_token():
     tokens = rand(10, 3)
     actual = ops.moe_token_permute_with_routing_map(tokens, rmap, probs=pmap)
     expected = npu_permute_formula(tokens, rmap, pmap)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         _bitwise(a, e)
 
 
@@ -295,8 +299,9 @@ def test_errors():
     with pytest.raises(ValueError, match="'sorted_indices' must hold row ids"):
         ops.moe_token_unpermute_with_routing_map(permuted, idx.int() + 12, tokens.shape)
     with pytest.raises(ValueError, match="not a multiple of E=4"):
-        ops.moe_token_unpermute_with_routing_map(permuted[:11], idx[:11].int(), tokens.shape, probs=pmap,
-                                                 drop_and_pad=True)
+        ops.moe_token_unpermute_with_routing_map(
+            permuted[:11], idx[:11].int(), tokens.shape, probs=pmap, drop_and_pad=True
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -335,7 +340,7 @@ def test_property_megatron_permute_unpermute(call):
     oracle = megatron_permute_argsort if (n is not None and not pad) else megatron_permute_masked_select
     expected = oracle(tokens, rmap, pmap, num_out_tokens=n, drop_and_pad=pad)
     actual = ops.permute(tokens, rmap, pmap, num_out_tokens=n, drop_and_pad=pad)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         _bitwise(a, e)
     if n is None or pad or n == count:  # the pairs Megatron's unpermute can weight
         permuted = rand(*actual[0].shape, seed=1)

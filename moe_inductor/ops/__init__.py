@@ -7,10 +7,10 @@ definition.
 """
 
 from ._registry import OPS
-from .gmm import gmm, gmm_v2
+from .grouped_matmul import gmm, gmm_v2
 from .init_routing import moe_finalize_routing, moe_init_routing_v2
 from .multihot import fused_indices_to_multihot, indices_to_multihot, multihot_to_indices, position_map
-from .permute import moe_token_permute_with_routing_map, moe_token_unpermute_with_routing_map, permute, unpermute
+from .permutation import moe_token_permute_with_routing_map, moe_token_unpermute_with_routing_map, permute, unpermute
 
 # torch_npu / MindSpeed spellings, for code that imported them from there.
 npu_moe_token_permute_with_routing_map = moe_token_permute_with_routing_map

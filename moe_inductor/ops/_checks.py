@@ -62,7 +62,7 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, what: str 
     suffix = f" ({what})" if what else ""
     message = f"{op}: '{name}' must have shape {tuple(expected)}{suffix}, got {tuple(t.shape)}"
     check(t.dim() == len(expected), message)
-    for actual, want in zip(t.shape, expected):
+    for actual, want in zip(t.shape, expected, strict=True):
         check(actual == want, message)
 
 

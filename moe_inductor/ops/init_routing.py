@@ -7,7 +7,7 @@ are zero, `expanded_scale` is zero where it has no meaning, and `expanded_row_id
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -25,64 +25,83 @@ _X_DTYPES = FLOAT_DTYPES + (torch.int8,)
 _SCALE_DTYPES = (torch.float32, torch.float64)
 
 
-def _check_init_routing(
-    x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
-    expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
-):
+class InitRoutingArgs(NamedTuple):
+    """The op's arguments in schema order: kernel, fake kernel and autograd unpack them the same way."""
+
+    x: Tensor
+    expert_idx: Tensor
+    scale: Optional[Tensor]
+    offset: Optional[Tensor]
+    active_num: int
+    expert_capacity: int
+    expert_num: int
+    drop_pad_mode: int
+    expert_tokens_num_type: int
+    expert_tokens_num_flag: bool
+    quant_mode: int
+    active_expert_range: Sequence[int]
+    row_idx_type: int
+
+
+def _check_init_routing(a: InitRoutingArgs) -> tuple[int, int]:
     """Validate; return the active expert range `(start, end)`."""
     op = _INIT
-    check_tensor(op, "x", x, ndim=2, dtypes=_X_DTYPES)
-    check_tensor(op, "expert_idx", expert_idx, ndim=2, dtypes=INDEX_DTYPES)
+    check_tensor(op, "x", a.x, ndim=2, dtypes=_X_DTYPES)
+    check_tensor(op, "expert_idx", a.expert_idx, ndim=2, dtypes=INDEX_DTYPES)
     check(
-        expert_idx.shape[0] == x.shape[0],
-        f"{op}: 'expert_idx' has {expert_idx.shape[0]} rows but 'x' has {x.shape[0]} (one row per token)",
+        a.expert_idx.shape[0] == a.x.shape[0],
+        f"{op}: 'expert_idx' has {a.expert_idx.shape[0]} rows but 'x' has {a.x.shape[0]} (one row per token)",
     )
-    check_same_device(op, x=x, expert_idx=expert_idx, scale=scale, offset=offset)
-    check(drop_pad_mode in (ref.DROPLESS, ref.DROP_PAD), f"{op}: 'drop_pad_mode' must be 0 or 1, got {drop_pad_mode}")
+    check_same_device(op, x=a.x, expert_idx=a.expert_idx, scale=a.scale, offset=a.offset)
     check(
-        quant_mode in (ref.NO_QUANT, ref.STATIC_QUANT, ref.DYNAMIC_QUANT),
-        f"{op}: unknown 'quant_mode' {quant_mode}; use -1 (none), 0 (static int8) or 1 (dynamic int8)",
+        a.drop_pad_mode in (ref.DROPLESS, ref.DROP_PAD), f"{op}: 'drop_pad_mode' must be 0 or 1, got {a.drop_pad_mode}"
     )
-    check(row_idx_type in (0, 1), f"{op}: 'row_idx_type' must be 0 (gather) or 1 (scatter), got {row_idx_type}")
     check(
-        expert_tokens_num_type in (ref.CUMSUM, ref.COUNT, ref.KEY_VALUE),
-        f"{op}: 'expert_tokens_num_type' must be 0 (cumsum), 1 (count) or 2 (key-value), got {expert_tokens_num_type}",
+        a.quant_mode in (ref.NO_QUANT, ref.STATIC_QUANT, ref.DYNAMIC_QUANT),
+        f"{op}: unknown 'quant_mode' {a.quant_mode}; use -1 (none), 0 (static int8) or 1 (dynamic int8)",
+    )
+    check(a.row_idx_type in (0, 1), f"{op}: 'row_idx_type' must be 0 (gather) or 1 (scatter), got {a.row_idx_type}")
+    check(
+        a.expert_tokens_num_type in (ref.CUMSUM, ref.COUNT, ref.KEY_VALUE),
+        f"{op}: 'expert_tokens_num_type' must be 0 (cumsum), 1 (count) or 2 (key-value), "
+        f"got {a.expert_tokens_num_type}",
     )
 
     # Expert range.
+    expert_num, expert_range = a.expert_num, a.active_expert_range
     check(
-        len(active_expert_range) in (0, 2),
-        f"{op}: 'active_expert_range' must be [] or [start, end], got {list(active_expert_range)}",
+        len(expert_range) in (0, 2),
+        f"{op}: 'active_expert_range' must be [] or [start, end], got {list(expert_range)}",
     )
-    if len(active_expert_range) == 0:
+    if len(expert_range) == 0:
         check(expert_num > 0, f"{op}: 'expert_num' must be > 0 when 'active_expert_range' is empty, got {expert_num}")
-    start, end = ref.expert_range(expert_num, active_expert_range)
+    start, end = ref.expert_range(expert_num, expert_range)
     check(
         0 <= start < end and (expert_num <= 0 or end <= expert_num),
         f"{op}: 'active_expert_range' [{start}, {end}) must satisfy 0 <= start < end <= expert_num ({expert_num})",
     )
-    if expert_tokens_num_flag and expert_tokens_num_type == ref.KEY_VALUE:
+    if a.expert_tokens_num_flag and a.expert_tokens_num_type == ref.KEY_VALUE:
         check(expert_num > 0, f"{op}: key-value counts (expert_tokens_num_type=2) need 'expert_num' > 0")
 
     # Drop / pad.
-    if drop_pad_mode == ref.DROP_PAD:
-        check(expert_capacity > 0, f"{op}: 'expert_capacity' must be > 0 in drop/pad mode, got {expert_capacity}")
+    if a.drop_pad_mode == ref.DROP_PAD:
+        check(a.expert_capacity > 0, f"{op}: 'expert_capacity' must be > 0 in drop/pad mode, got {a.expert_capacity}")
         check(
             start == 0 and end == expert_num,
             f"{op}: drop/pad mode needs the full expert range [0, {expert_num}), got [{start}, {end})",
         )
-        check(row_idx_type == 0, f"{op}: drop/pad mode only defines row_idx_type=0 (gather), got {row_idx_type}")
+        check(a.row_idx_type == 0, f"{op}: drop/pad mode only defines row_idx_type=0 (gather), got {a.row_idx_type}")
 
     # Quantisation arguments.
-    hidden = x.shape[1]
-    if quant_mode == ref.NO_QUANT:
+    hidden, scale, offset = a.x.shape[1], a.scale, a.offset
+    if a.quant_mode == ref.NO_QUANT:
         check(offset is None, f"{op}: 'offset' is only used with quant_mode=0 (static)")
         if scale is not None:
             check_tensor(op, "scale", scale, ndim=1, dtypes=_SCALE_DTYPES)
-            check_shape(op, "scale", scale, (x.shape[0],), "one scale per token when quant_mode=-1")
+            check_shape(op, "scale", scale, (a.x.shape[0],), "one scale per token when quant_mode=-1")
     else:
-        check(x.dtype != torch.int8, f"{op}: 'x' is already int8; quant_mode={quant_mode} needs floating-point x")
-    if quant_mode == ref.DYNAMIC_QUANT:
+        check(a.x.dtype != torch.int8, f"{op}: 'x' is already int8; quant_mode={a.quant_mode} needs floating-point x")
+    if a.quant_mode == ref.DYNAMIC_QUANT:
         check(offset is None, f"{op}: 'offset' is only used with quant_mode=0 (static)")
         if scale is not None:
             check_tensor(op, "scale", scale, ndim=2, dtypes=_SCALE_DTYPES)
@@ -91,7 +110,7 @@ def _check_init_routing(
                 f"{op}: dynamic-quant smooth 'scale' must be [1, H] or [end - start, H] = [{end - start}, {hidden}], "
                 f"got {tuple(scale.shape)}",
             )
-    if quant_mode == ref.STATIC_QUANT:
+    if a.quant_mode == ref.STATIC_QUANT:
         for name, t in (("scale", scale), ("offset", offset)):
             check(t is not None, f"{op}: quant_mode=0 (static) needs '{name}'")
             check_tensor(op, name, t, ndim=(1, 2), dtypes=_SCALE_DTYPES)
@@ -108,62 +127,58 @@ def _check_init_routing(
     "bool expert_tokens_num_flag, int quant_mode, int[] active_expert_range, int row_idx_type) "
     "-> (Tensor expanded_x, Tensor expanded_row_idx, Tensor expert_token_cumsum_or_count, Tensor expanded_scale)"
 )
-def moe_init_routing_v2_op(
-    x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
-    expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
-):
-    args = (
-        x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
-        expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
-    )
-    _check_init_routing(*args)
+def moe_init_routing_v2_op(*args):
+    _check_init_routing(InitRoutingArgs(*args))
     return ref.moe_init_routing_v2(*args)
 
 
 @moe_init_routing_v2_op.register_fake
-def _(
-    x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
-    expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
-):
-    start, end = _check_init_routing(
-        x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
-        expert_tokens_num_flag, quant_mode, active_expert_range, row_idx_type,
-    )
-    num_tokens, topk = expert_idx.shape
+def _(*args):
+    a = InitRoutingArgs(*args)
+    start, end = _check_init_routing(a)
+    num_tokens, topk = a.expert_idx.shape
     shape = ref.expanded_shape(
-        num_tokens, topk, x.shape[1], active_num=active_num, expert_capacity=expert_capacity,
-        expert_num=expert_num, drop_pad_mode=drop_pad_mode,
+        num_tokens,
+        topk,
+        a.x.shape[1],
+        active_num=a.active_num,
+        expert_capacity=a.expert_capacity,
+        expert_num=a.expert_num,
+        drop_pad_mode=a.drop_pad_mode,
     )
     num_rows = shape[0] * shape[1] if len(shape) == 3 else shape[0]
-    x_dtype = x.dtype if quant_mode == ref.NO_QUANT else torch.int8
-    scale_dtype = scale.dtype if quant_mode == ref.NO_QUANT and scale is not None else torch.float32
-    count_shape = ref.count_shape(start, end, expert_num, expert_tokens_num_type, expert_tokens_num_flag)
+    no_quant = a.quant_mode == ref.NO_QUANT
+    scale_dtype = a.scale.dtype if no_quant and a.scale is not None else torch.float32
+    count_shape = ref.count_shape(start, end, a.expert_num, a.expert_tokens_num_type, a.expert_tokens_num_flag)
     return (
-        x.new_empty(shape, dtype=x_dtype),
-        x.new_empty((num_tokens * topk,), dtype=torch.int32),
-        x.new_empty(count_shape, dtype=torch.int64),
-        x.new_empty((num_rows,), dtype=scale_dtype),
+        a.x.new_empty(shape, dtype=a.x.dtype if no_quant else torch.int8),
+        a.x.new_empty((num_tokens * topk,), dtype=torch.int32),
+        a.x.new_empty(count_shape, dtype=torch.int64),
+        a.x.new_empty((num_rows,), dtype=scale_dtype),
     )
 
 
 def _init_setup(ctx, inputs, output):
-    x, expert_idx, scale = inputs[:3]
-    ctx.quant_mode, ctx.row_idx_type = inputs[10], inputs[12]
-    ctx.topk = expert_idx.shape[1]
-    ctx.has_scale = scale is not None
+    a = InitRoutingArgs(*inputs)
+    ctx.quant_mode, ctx.row_idx_type = a.quant_mode, a.row_idx_type
+    ctx.topk = a.expert_idx.shape[1]
+    ctx.has_scale = a.scale is not None
     ctx.save_for_backward(output[1])
 
 
 def _init_backward(ctx, grad_expanded_x, _grad_row_idx, _grad_counts, grad_expanded_scale):
+    grads = [None] * len(InitRoutingArgs._fields)
     # Quantised outputs are int8 and carry no gradient; their per-row scale is not differentiated either.
     if ctx.quant_mode != ref.NO_QUANT:
-        return (None,) * 13
+        return tuple(grads)
     (expanded_row_idx,) = ctx.saved_tensors
     need_scale = ctx.has_scale and ctx.needs_input_grad[2]
     grad_x, grad_scale = ref.moe_init_routing_v2_backward(
         grad_expanded_x, grad_expanded_scale if need_scale else None, expanded_row_idx, ctx.row_idx_type, ctx.topk
     )
-    return (grad_x if ctx.needs_input_grad[0] else None, None, grad_scale) + (None,) * 10
+    grads[0] = grad_x if ctx.needs_input_grad[0] else None
+    grads[2] = grad_scale
+    return tuple(grads)
 
 
 moe_init_routing_v2_op.register_autograd(_init_backward, setup_context=_init_setup)
@@ -222,10 +237,18 @@ def _check_finalize(expanded, skip1, skip2, bias, scales, row_idx, expert_for_so
     if bias is not None:
         check_tensor(op, "bias", bias, ndim=2, dtypes=FLOAT_DTYPES)
         check(bias.shape[1] == hidden, f"{op}: 'bias' must be [E, H={hidden}], got {tuple(bias.shape)}")
-        check(expert_for_source_row is not None, f"{op}: 'bias' needs 'expert_for_source_row' to pick each row's expert")
+        check(
+            expert_for_source_row is not None, f"{op}: 'bias' needs 'expert_for_source_row' to pick each row's expert"
+        )
     check_same_device(
-        op, expanded_permuted_rows=expanded, skip1=skip1, skip2=skip2, bias=bias, scales=scales,
-        expanded_src_to_dst_row=row_idx, expert_for_source_row=expert_for_source_row,
+        op,
+        expanded_permuted_rows=expanded,
+        skip1=skip1,
+        skip2=skip2,
+        bias=bias,
+        scales=scales,
+        expanded_src_to_dst_row=row_idx,
+        expert_for_source_row=expert_for_source_row,
     )
     return num_tokens, topk
 
@@ -238,14 +261,30 @@ def moe_finalize_routing_op(
     expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, k
 ):
     _, topk = _check_finalize(
-        expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row,
-        drop_pad_mode, k,
+        expanded_permuted_rows,
+        skip1,
+        skip2,
+        bias,
+        scales,
+        expanded_src_to_dst_row,
+        expert_for_source_row,
+        drop_pad_mode,
+        k,
     )
     if on_cpu(expanded_src_to_dst_row):
-        _check_finalize_values(expanded_permuted_rows, bias, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, topk)
+        _check_finalize_values(
+            expanded_permuted_rows, bias, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, topk
+        )
     return ref.moe_finalize_routing(
-        expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row,
-        drop_pad_mode, topk,
+        expanded_permuted_rows,
+        skip1,
+        skip2,
+        bias,
+        scales,
+        expanded_src_to_dst_row,
+        expert_for_source_row,
+        drop_pad_mode,
+        topk,
     )
 
 
@@ -272,10 +311,19 @@ def _check_finalize_values(expanded, bias, row_idx, expert_for_source_row, drop_
 
 
 @moe_finalize_routing_op.register_fake
-def _(expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, k):
+def _(
+    expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, k
+):
     num_tokens, _ = _check_finalize(
-        expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row,
-        drop_pad_mode, k,
+        expanded_permuted_rows,
+        skip1,
+        skip2,
+        bias,
+        scales,
+        expanded_src_to_dst_row,
+        expert_for_source_row,
+        drop_pad_mode,
+        k,
     )
     return expanded_permuted_rows.new_empty((num_tokens, expanded_permuted_rows.shape[-1]))
 
@@ -292,8 +340,16 @@ def _finalize_backward(ctx, grad_out):
     expanded, bias, scales, row_idx, expert_for_source_row = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_rows, grad_bias, grad_scales = ref.moe_finalize_routing_backward(
-        grad_out, expanded, bias, scales, row_idx, expert_for_source_row, ctx.drop_pad_mode, ctx.topk,
-        need_rows_grad=need[0], need_bias_grad=bias is not None and need[3],
+        grad_out,
+        expanded,
+        bias,
+        scales,
+        row_idx,
+        expert_for_source_row,
+        ctx.drop_pad_mode,
+        ctx.topk,
+        need_rows_grad=need[0],
+        need_bias_grad=bias is not None and need[3],
         need_scales_grad=scales is not None and need[4],
     )
     grad_skips = [
@@ -325,7 +381,9 @@ def moe_init_routing_v2(
     active_expert_range: Sequence[int] = (),
     row_idx_type: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """torch_npu `npu_moe_init_routing_v2`: `(expanded_x, expanded_row_idx, expert_token_cumsum_or_count, expanded_scale)`.
+    """torch_npu `npu_moe_init_routing_v2`.
+
+    Returns `(expanded_x, expanded_row_idx, expert_token_cumsum_or_count, expanded_scale)`.
 
     Copies of each token are sorted by expert (stable); `expanded_x[i] = x[order[i] // K]` (dropless) or slot
     `e * C + rank` (drop_pad_mode=1). `quant_mode`: -1 none (the default here; torch_npu's default changed across
@@ -333,8 +391,19 @@ def moe_init_routing_v2(
     `quant_mode=-1`.
     """
     return moe_init_routing_v2_op(
-        x, expert_idx, scale, offset, active_num, expert_capacity, expert_num, drop_pad_mode, expert_tokens_num_type,
-        expert_tokens_num_flag, quant_mode, list(active_expert_range), row_idx_type,
+        x,
+        expert_idx,
+        scale,
+        offset,
+        active_num,
+        expert_capacity,
+        expert_num,
+        drop_pad_mode,
+        expert_tokens_num_type,
+        expert_tokens_num_flag,
+        quant_mode,
+        list(active_expert_range),
+        row_idx_type,
     )
 
 
@@ -363,6 +432,13 @@ def moe_finalize_routing(
             raise ValueError(f"{_FIN}: pass 'export_for_source_row' or 'expert_for_source_row', not both")
         export_for_source_row = expert_for_source_row
     return moe_finalize_routing_op(
-        expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, export_for_source_row,
-        drop_pad_mode, k,
+        expanded_permuted_rows,
+        skip1,
+        skip2,
+        bias,
+        scales,
+        expanded_src_to_dst_row,
+        export_for_source_row,
+        drop_pad_mode,
+        k,
     )

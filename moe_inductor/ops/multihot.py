@@ -149,5 +149,5 @@ def multihot_to_indices(probs_map: Tensor, position_map: Tensor, topk: int) -> T
 
 
 def position_map(indices: Tensor, num_local_experts: int) -> Tensor:
-    """`[T, L]` int64 map with `k` at `[t, indices[t, k]]` for routed ids and -1 elsewhere (input of multihot_to_indices)."""
+    """`[T, L]` int64 map: `k` at `[t, indices[t, k]]` for routed ids, -1 elsewhere (input of multihot_to_indices)."""
     return reference.multihot.position_map_from_indices(indices, num_local_experts)

@@ -4,6 +4,6 @@ One module per op family. Nothing here registers anything or validates arguments
 functions take already-checked arguments and return the op's outputs, forward and backward.
 """
 
-from . import gmm, init_routing, multihot, permute
+from . import grouped_matmul, init_routing, multihot, permutation
 
-__all__ = ["gmm", "init_routing", "multihot", "permute"]
+__all__ = ["grouped_matmul", "init_routing", "multihot", "permutation"]

@@ -39,7 +39,8 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return src.new_zeros(out_shape)
     ok = valid_rows(rows, n)
     picked = src.index_select(0, torch.where(ok, rows, 0))
-    return torch.where(ok.view((-1,) + (1,) * (src.dim() - 1)), picked, torch.zeros((), dtype=src.dtype, device=src.device))
+    zero = torch.zeros((), dtype=src.dtype, device=src.device)
+    return torch.where(ok.view((-1,) + (1,) * (src.dim() - 1)), picked, zero)
 
 
 def scatter_add_rows(values: torch.Tensor, rows: torch.Tensor, n) -> torch.Tensor:

@@ -223,7 +223,15 @@ def _finalize_terms(rows, bias, idx, expert_for_source_row):
 
 
 def moe_finalize_routing(
-    expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, topk
+    expanded_permuted_rows,
+    skip1,
+    skip2,
+    bias,
+    scales,
+    expanded_src_to_dst_row,
+    expert_for_source_row,
+    drop_pad_mode,
+    topk,
 ):
     hidden = expanded_permuted_rows.shape[-1]
     rows = expanded_permuted_rows.reshape(-1, hidden)
@@ -240,8 +248,17 @@ def moe_finalize_routing(
 
 
 def moe_finalize_routing_backward(
-    grad_out, expanded_permuted_rows, bias, scales, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, topk,
-    need_rows_grad: bool, need_bias_grad: bool, need_scales_grad: bool,
+    grad_out,
+    expanded_permuted_rows,
+    bias,
+    scales,
+    expanded_src_to_dst_row,
+    expert_for_source_row,
+    drop_pad_mode,
+    topk,
+    need_rows_grad: bool,
+    need_bias_grad: bool,
+    need_scales_grad: bool,
 ):
     """Grads of (expanded rows, bias, scales); skip1/skip2 simply receive `grad_out`."""
     hidden = expanded_permuted_rows.shape[-1]

@@ -14,13 +14,13 @@ lowest non-routed ones; `sorted_indices` is the forward map. Unpermute accumulat
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from ..reference import permute as ref
+from ..reference import permutation as ref
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, ROUTING_MAP_DTYPES, check, check_same_device, check_shape
 from ._checks import check_tensor, on_cpu
 from ._registry import define
@@ -67,6 +67,21 @@ def _check_routing_map_values(op: str, routing_map: Tensor) -> None:
         if bool(bad.any()):
             value = int(routing_map[bad][0])
             raise ValueError(f"{op}: 'routing_map' must hold only 0/1 (or be bool), found {value}")
+
+
+def _check_experts_per_token(routing_map: Tensor, num_rows: int) -> None:
+    """CPU data check of a dropless torch_npu permute: every token routes to exactly K = num_rows // T experts."""
+    if routing_map.shape[0] == 0:
+        return
+    topk = num_rows // routing_map.shape[0]
+    per_token = routing_map.bool().sum(1)
+    wrong = (per_token != topk).nonzero()
+    if wrong.numel():
+        row = int(wrong[0])
+        raise ValueError(
+            f"{_NPU_PERMUTE}: 'routing_map' row {row} routes to {int(per_token[row])} experts; dropless "
+            f"permute with num_out_tokens={num_rows} needs exactly num_out_tokens // T = {topk} per token"
+        )
 
 
 def _check_unpermute_inputs(
@@ -139,7 +154,7 @@ def _npu_permute_rows(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
     num_tokens, num_experts = _check_permute_inputs(op, tokens, routing_map, probs, num_out_tokens)
     requested = num_tokens if num_out_tokens is None else num_out_tokens
     if drop_and_pad:
-        capacity = requested // max(num_experts, 1)
+        capacity = ref.npu_capacity(num_tokens, num_experts, num_out_tokens)
         _check_capacity(op, capacity, num_tokens, num_experts, "num_out_tokens // num_experts")
         return num_experts * capacity
     if guard_or_false(num_tokens == 0):
@@ -166,15 +181,8 @@ def moe_token_permute_with_routing_map_op(tokens, routing_map, probs, num_out_to
     num_rows = _npu_permute_rows(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
     if on_cpu(routing_map):
         _check_routing_map_values(_NPU_PERMUTE, routing_map)
-        if not drop_and_pad and routing_map.shape[0]:
-            topk = num_rows // routing_map.shape[0]
-            per_token = routing_map.bool().sum(1)
-            if bool((per_token != topk).any()):
-                row = int((per_token != topk).nonzero()[0])
-                raise ValueError(
-                    f"{_NPU_PERMUTE}: 'routing_map' row {row} routes to {int(per_token[row])} experts; dropless "
-                    f"permute with num_out_tokens={num_rows} needs exactly num_out_tokens // T = {topk} per token"
-                )
+        if not drop_and_pad:
+            _check_experts_per_token(routing_map, num_rows)
     permuted, permuted_probs, sorted_indices = ref.moe_token_permute_with_routing_map(
         tokens, routing_map, probs, num_out_tokens, drop_and_pad
     )
@@ -190,13 +198,18 @@ def _(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
     return permuted, permuted_probs, routing_map.new_empty((num_rows,), dtype=torch.int32)
 
 
-def _permute_setup(ctx, inputs, output):
-    tokens, routing_map, probs, num_out_tokens, drop_and_pad = inputs
-    # sorted_indices is saved for its length: taking the row count from the incoming gradient instead would leave
-    # an unbacked size (Megatron, num_out_tokens=None) that AOTAutograd's partitioner cannot trace to the forward.
-    ctx.save_for_backward(routing_map, output[2])
-    ctx.has_probs = probs is not None
-    ctx.drop_and_pad = drop_and_pad
+def _make_permute_setup(pads: Callable[[Optional[int], bool], bool]):
+    """setup_context of a permute; `pads(num_out_tokens, drop_and_pad)` says whether its rows are drop-and-pad."""
+
+    def setup(ctx, inputs, output):
+        tokens, routing_map, probs, num_out_tokens, drop_and_pad = inputs
+        # sorted_indices is saved for its length: taking the row count from the incoming gradient instead leaves an
+        # unbacked size (Megatron, num_out_tokens=None) that AOTAutograd's partitioner cannot trace to the forward.
+        ctx.save_for_backward(routing_map, output[2])
+        ctx.has_probs = probs is not None
+        ctx.drop_and_pad = pads(num_out_tokens, drop_and_pad)
+
+    return setup
 
 
 def _permute_backward(ctx, grad_permuted, grad_permuted_probs, _grad_sorted_indices):
@@ -213,7 +226,9 @@ def _permute_backward(ctx, grad_permuted, grad_permuted_probs, _grad_sorted_indi
     return grad_tokens, None, grad_probs, None, None
 
 
-moe_token_permute_with_routing_map_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+moe_token_permute_with_routing_map_op.register_autograd(
+    _permute_backward, setup_context=_make_permute_setup(lambda num_out_tokens, drop_and_pad: drop_and_pad)
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # moe_token_unpermute_with_routing_map (torch_npu)
@@ -247,7 +262,9 @@ def _check_npu_unpermute(permuted, sorted_indices, restore_shape, probs, routing
     "moe_token_unpermute_with_routing_map(Tensor permuted_tokens, Tensor sorted_indices, SymInt[] restore_shape, "
     "Tensor? probs, Tensor? routing_map, bool drop_and_pad) -> Tensor"
 )
-def moe_token_unpermute_with_routing_map_op(permuted_tokens, sorted_indices, restore_shape, probs, routing_map, drop_and_pad):
+def moe_token_unpermute_with_routing_map_op(
+    permuted_tokens, sorted_indices, restore_shape, probs, routing_map, drop_and_pad
+):
     num_tokens = _check_npu_unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map, drop_and_pad)
     if on_cpu(sorted_indices):
         bound, what = (num_tokens, "token ids") if drop_and_pad else (permuted_tokens.shape[0], "row ids")
@@ -352,15 +369,11 @@ def _(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
     return permuted, permuted_probs, routing_map.new_empty((num_rows,), dtype=torch.int64)
 
 
-def _megatron_permute_setup(ctx, inputs, output):
-    tokens, routing_map, probs, num_out_tokens, drop_and_pad = inputs
-    ctx.save_for_backward(routing_map, output[2])
-    ctx.has_probs = probs is not None
-    # Megatron takes the dropless path when num_out_tokens is None, whatever drop_and_pad says.
-    ctx.drop_and_pad = drop_and_pad and num_out_tokens is not None
-
-
-permute_op.register_autograd(_permute_backward, setup_context=_megatron_permute_setup)
+# Megatron takes the dropless path when num_out_tokens is None, whatever drop_and_pad says.
+permute_op.register_autograd(
+    _permute_backward,
+    setup_context=_make_permute_setup(lambda num_out_tokens, drop_and_pad: drop_and_pad and num_out_tokens is not None),
+)
 
 _UNPERMUTE = "unpermute"
 

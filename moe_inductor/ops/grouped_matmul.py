@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..reference import gmm as ref
+from ..reference import grouped_matmul as ref
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_same_device, check_tensor, on_cpu
 from ._registry import define
 
@@ -136,12 +136,13 @@ def _as_group_tensor(op: str, group_list: Optional[GroupList], x: Tensor) -> Ten
     return torch.tensor(list(group_list), dtype=torch.int64, device=x.device)
 
 
-def _check_mindspeed_only(op: str, gemm_fusion: bool, original_weight: Optional[Tensor]) -> None:
+def _call(name, op, x, weight, bias, group_list, group_type, gemm_fusion, original_weight) -> Tensor:
     if gemm_fusion or original_weight is not None:
         raise NotImplementedError(
-            f"{op}: gemm_fusion / original_weight (accumulating dW into original_weight.main_grad) are not "
+            f"{name}: gemm_fusion / original_weight (accumulating dW into original_weight.main_grad) are not "
             f"supported; add the returned weight gradient to main_grad yourself"
         )
+    return op(x, weight, bias, _as_group_tensor(name, group_list, x), group_type)
 
 
 def gmm(
@@ -159,8 +160,7 @@ def gmm(
     group_type 0: `x[M, K] @ weight[G, K, N]` per row group -> `[M, N]` (weight may be a transposed `[G, N, K]`);
     group_type 2: `x[:, ks_g] @ weight[ks_g, :]` per slice of K -> `[G, M, N]`.
     """
-    _check_mindspeed_only("gmm", gemm_fusion, original_weight)
-    return gmm_op(x, weight, bias, _as_group_tensor("gmm", group_list, x), group_type)
+    return _call("gmm", gmm_op, x, weight, bias, group_list, group_type, gemm_fusion, original_weight)
 
 
 def gmm_v2(
@@ -174,5 +174,4 @@ def gmm_v2(
     original_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """MindSpeed `npu_gmm_v2`: as `gmm`, with `group_list` = per-group sizes (e.g. moe_init_routing_v2 counts)."""
-    _check_mindspeed_only("gmm_v2", gemm_fusion, original_weight)
-    return gmm_v2_op(x, weight, bias, _as_group_tensor("gmm_v2", group_list, x), group_type)
+    return _call("gmm_v2", gmm_v2_op, x, weight, bias, group_list, group_type, gemm_fusion, original_weight)

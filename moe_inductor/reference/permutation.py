@@ -16,7 +16,7 @@ capacity C. Both are computed with prefix sums, not a sort.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -35,6 +35,11 @@ def npu_topk(num_tokens, num_out_tokens):
     if guard_or_false(num_tokens == 0):
         return 0
     return num_out_tokens // num_tokens
+
+
+def npu_capacity(num_tokens, num_experts, num_out_tokens):
+    """Per-expert rows of a torch_npu-style drop-and-pad permute: `num_out_tokens // E` (`None` means T)."""
+    return (num_tokens if num_out_tokens is None else num_out_tokens) // torch.sym_max(num_experts, 1)
 
 
 def megatron_capacity(num_tokens, num_experts, num_out_tokens):
@@ -71,7 +76,7 @@ def pad_pairs(routing_map: torch.Tensor, capacity) -> torch.Tensor:
 
 def pad_pairs_from_tokens(token_of_slot: torch.Tensor, num_tokens, num_experts) -> torch.Tensor:
     """Pairs of drop-and-pad rows given their tokens (Megatron's / torch_npu's forward `sorted_indices`)."""
-    capacity = token_of_slot.shape[0] // num_experts
+    capacity = torch.sym_max(token_of_slot.shape[0] // num_experts, 1)
     tokens = token_of_slot.to(torch.int64)
     expert = torch.arange(tokens.shape[0], device=tokens.device, dtype=torch.int64) // capacity
     return torch.where((tokens >= 0) & (tokens < num_tokens), expert * num_tokens + tokens, -1)
@@ -123,14 +128,14 @@ def topk_inverse_map(routing_map: torch.Tensor, rank: torch.Tensor, num_rows, to
 def inverse_to_rows(inverse: torch.Tensor, routing_map: Optional[torch.Tensor], num_tokens, topk, num_rows):
     """From a torch_npu dropless inverse map to the row maps of its rows: (destination token, pair).
 
-    Without a routing map the experts are unknown and the pairs are all -1 (only needed to look up probs).
+    The pairs need the routing map (they name each row's expert) and are None without it.
     """
     inverse = inverse.to(torch.int64)
     entry = torch.arange(inverse.shape[0], device=inverse.device, dtype=torch.int64)
     token = entry // torch.sym_max(topk, 1)
     dest = scatter_rows(token, inverse, num_rows, -1)
     if routing_map is None:
-        return dest, torch.full_like(dest, -1)
+        return dest, None
     expert = routed_experts(routing_map, topk).reshape(-1)
     pair = torch.where(expert >= 0, expert * num_tokens + token, -1)
     return dest, scatter_rows(pair, inverse, num_rows, -1)
@@ -174,7 +179,8 @@ def combine(permuted: torch.Tensor, dest: torch.Tensor, weights: Optional[torch.
 
 
 def combine_backward(grad_out, permuted, dest, weights, need_weights_grad: bool):
-    """Grad of `combine`: `grad_permuted[r] = grad_out[dest[r]] * w[r]`, `grad_w[r] = <grad_out[dest[r]], permuted[r]>`."""
+    """Grad of `combine`: `grad_permuted[r] = grad_out[dest[r]] * w[r]`; `grad_w[r] = <grad_out[dest[r]], permuted[r]>`
+    (only when `need_weights_grad`)."""
     acc = acc_dtype(permuted.dtype)
     grad_rows = gather_rows(grad_out, dest).to(acc)
     grad_permuted = grad_rows if weights is None else grad_rows * weights.to(acc).unsqueeze(-1)
@@ -204,8 +210,7 @@ def permute_pairs(routing_map: torch.Tensor, num_rows, drop_and_pad: bool) -> to
 def moe_token_permute_with_routing_map(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
     num_tokens, num_experts = routing_map.shape
     if drop_and_pad:
-        capacity = (num_tokens if num_out_tokens is None else num_out_tokens) // num_experts
-        pairs = pad_pairs(routing_map, capacity)
+        pairs = pad_pairs(routing_map, npu_capacity(num_tokens, num_experts, num_out_tokens))
         sorted_indices = pair_tokens(pairs, num_tokens)
     else:
         topk = npu_topk(num_tokens, num_out_tokens)
@@ -225,8 +230,7 @@ def moe_token_unpermute_rows(sorted_indices, routing_map, probs, num_tokens, num
             pairs = pad_pairs_from_tokens(sorted_indices, num_tokens, probs.shape[1])
         return dest, pairs
     topk = npu_topk(num_tokens, sorted_indices.shape[0])
-    dest, pairs = inverse_to_rows(sorted_indices, routing_map, num_tokens, topk, num_rows)
-    return dest, pairs if probs is not None else None
+    return inverse_to_rows(sorted_indices, routing_map if probs is not None else None, num_tokens, topk, num_rows)
 
 
 def moe_token_unpermute_with_routing_map(permuted, sorted_indices, restore_shape, probs, routing_map, drop_and_pad):
