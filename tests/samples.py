@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from moe_inductor.ops.init_routing import InitRoutingArgs
 from oracles import init_routing_loop, megatron_permute_masked_select, multihot_loop, npu_permute_formula
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -200,40 +201,6 @@ def _megatron_unpermute():
     return out
 
 
-def init_routing_args(
-    x,
-    idx,
-    *,
-    scale=None,
-    offset=None,
-    active_num=-1,
-    expert_capacity=-1,
-    expert_num=-1,
-    drop_pad_mode=0,
-    expert_tokens_num_type=0,
-    expert_tokens_num_flag=False,
-    quant_mode=-1,
-    active_expert_range=(),
-    row_idx_type=0,
-):
-    """Positional argument tuple of the op, from torch_npu-style keywords."""
-    return (
-        x,
-        idx,
-        scale,
-        offset,
-        active_num,
-        expert_capacity,
-        expert_num,
-        drop_pad_mode,
-        expert_tokens_num_type,
-        expert_tokens_num_flag,
-        quant_mode,
-        list(active_expert_range),
-        row_idx_type,
-    )
-
-
 def init_routing_cases():
     """(name, x, expert_idx, torch_npu keyword arguments)."""
     H = 12
@@ -332,7 +299,7 @@ def _init_routing():
     return [
         Sample(
             name,
-            init_routing_args(x, idx, **kw),
+            tuple(InitRoutingArgs(x, idx, **kw)),
             compile=name in ("dropless_T7_E6_K3_count", "drop_pad_C2_skewed_keyvalue"),
         )
         for name, x, idx, kw in init_routing_cases()

@@ -26,21 +26,25 @@ _SCALE_DTYPES = (torch.float32, torch.float64)
 
 
 class InitRoutingArgs(NamedTuple):
-    """The op's arguments in schema order: kernel, fake kernel and autograd unpack them the same way."""
+    """The op's arguments in schema order, with torch_npu's defaults (quant_mode excepted: -1 here).
+
+    Kernel, fake kernel and autograd unpack them the same way; `InitRoutingArgs(x, idx, expert_num=8)` builds the
+    positional tuple that `torch.ops.moe_inductor.moe_init_routing_v2` takes.
+    """
 
     x: Tensor
     expert_idx: Tensor
-    scale: Optional[Tensor]
-    offset: Optional[Tensor]
-    active_num: int
-    expert_capacity: int
-    expert_num: int
-    drop_pad_mode: int
-    expert_tokens_num_type: int
-    expert_tokens_num_flag: bool
-    quant_mode: int
-    active_expert_range: Sequence[int]
-    row_idx_type: int
+    scale: Optional[Tensor] = None
+    offset: Optional[Tensor] = None
+    active_num: int = -1
+    expert_capacity: int = -1
+    expert_num: int = -1
+    drop_pad_mode: int = 0
+    expert_tokens_num_type: int = 0
+    expert_tokens_num_flag: bool = False
+    quant_mode: int = -1
+    active_expert_range: Sequence[int] = ()
+    row_idx_type: int = 0
 
 
 def _check_init_routing(a: InitRoutingArgs) -> tuple[int, int]:
@@ -190,29 +194,45 @@ moe_init_routing_v2_op.register_autograd(_init_backward, setup_context=_init_set
 _FIN = "moe_finalize_routing"
 
 
-def _finalize_topk(scales, expert_for_source_row, k):
+class FinalizeArgs(NamedTuple):
+    """The op's arguments in schema order (torch_npu's names, `expert_for_source_row` spelled right)."""
+
+    expanded_permuted_rows: Tensor
+    skip1: Optional[Tensor]
+    skip2: Optional[Tensor]
+    bias: Optional[Tensor]
+    scales: Optional[Tensor]
+    expanded_src_to_dst_row: Tensor
+    expert_for_source_row: Optional[Tensor] = None
+    drop_pad_mode: int = 0
+    k: Optional[int] = None
+
+
+def _finalize_topk(a: FinalizeArgs):
     """K of a finalize call: `k` if given, else the columns of `scales` or of the expert table (None if unknown)."""
-    if k is not None:
-        return k
-    for t in (scales, expert_for_source_row):
+    if a.k is not None:
+        return a.k
+    for t in (a.scales, a.expert_for_source_row):
         if t is not None and t.dim() == 2:
             return t.shape[1]
     return None
 
 
-def _check_finalize(expanded, skip1, skip2, bias, scales, row_idx, expert_for_source_row, drop_pad_mode, k):
+def _check_finalize(a: FinalizeArgs):
     """Validate; return (num_tokens, topk)."""
     op = _FIN
-    check(drop_pad_mode in (0, 1, 2, 3), f"{op}: 'drop_pad_mode' must be 0, 1, 2 or 3, got {drop_pad_mode}")
-    drop = drop_pad_mode in ref.DROP_PAD_MODES
+    check(a.drop_pad_mode in (0, 1, 2, 3), f"{op}: 'drop_pad_mode' must be 0, 1, 2 or 3, got {a.drop_pad_mode}")
+    drop = a.drop_pad_mode in ref.DROP_PAD_MODES
+    expanded, row_idx = a.expanded_permuted_rows, a.expanded_src_to_dst_row
     check_tensor(op, "expanded_permuted_rows", expanded, ndim=3 if drop else 2, dtypes=FLOAT_DTYPES)
     check_tensor(op, "expanded_src_to_dst_row", row_idx, ndim=1, dtypes=INDEX_DTYPES)
     hidden = expanded.shape[-1]
 
     # K comes from whichever argument carries it; all that do must agree.
-    topk = _finalize_topk(scales, expert_for_source_row, k)
+    topk = _finalize_topk(a)
     check(topk is not None, f"{op}: pass 'k' when both 'scales' and 'expert_for_source_row' are None")
-    for name, t in (("scales", scales), ("expert_for_source_row", expert_for_source_row)):
+    for name in ("scales", "expert_for_source_row"):
+        t = getattr(a, name)
         if t is not None:
             check_tensor(op, name, t, ndim=2)
             check(t.shape[1] == topk, f"{op}: '{name}' has {t.shape[1]} columns but top-k is {topk}")
@@ -224,116 +244,79 @@ def _check_finalize(expanded, skip1, skip2, bias, scales, row_idx, expert_for_so
     )
     num_tokens = num_copies // topk
 
-    if scales is not None:
-        check_tensor(op, "scales", scales, dtypes=FLOAT_DTYPES)
-        check_shape(op, "scales", scales, (num_tokens, topk), "[num_rows, K]")
-    if expert_for_source_row is not None:
-        check_tensor(op, "expert_for_source_row", expert_for_source_row, dtypes=INDEX_DTYPES)
-        check_shape(op, "expert_for_source_row", expert_for_source_row, (num_tokens, topk), "[num_rows, K]")
-    for name, t in (("skip1", skip1), ("skip2", skip2)):
+    if a.scales is not None:
+        check_tensor(op, "scales", a.scales, dtypes=FLOAT_DTYPES)
+        check_shape(op, "scales", a.scales, (num_tokens, topk), "[num_rows, K]")
+    if a.expert_for_source_row is not None:
+        check_tensor(op, "expert_for_source_row", a.expert_for_source_row, dtypes=INDEX_DTYPES)
+        check_shape(op, "expert_for_source_row", a.expert_for_source_row, (num_tokens, topk), "[num_rows, K]")
+    for name in ("skip1", "skip2"):
+        t = getattr(a, name)
         if t is not None:
             check_tensor(op, name, t, ndim=2, dtypes=FLOAT_DTYPES)
             check_shape(op, name, t, (num_tokens, hidden), "the output shape [num_rows, H]")
-    if bias is not None:
-        check_tensor(op, "bias", bias, ndim=2, dtypes=FLOAT_DTYPES)
-        check(bias.shape[1] == hidden, f"{op}: 'bias' must be [E, H={hidden}], got {tuple(bias.shape)}")
+    if a.bias is not None:
+        check_tensor(op, "bias", a.bias, ndim=2, dtypes=FLOAT_DTYPES)
+        check(a.bias.shape[1] == hidden, f"{op}: 'bias' must be [E, H={hidden}], got {tuple(a.bias.shape)}")
         check(
-            expert_for_source_row is not None, f"{op}: 'bias' needs 'expert_for_source_row' to pick each row's expert"
+            a.expert_for_source_row is not None,
+            f"{op}: 'bias' needs 'expert_for_source_row' to pick each row's expert",
         )
-    check_same_device(
-        op,
-        expanded_permuted_rows=expanded,
-        skip1=skip1,
-        skip2=skip2,
-        bias=bias,
-        scales=scales,
-        expanded_src_to_dst_row=row_idx,
-        expert_for_source_row=expert_for_source_row,
-    )
+    check_same_device(op, **{name: t for name, t in a._asdict().items() if isinstance(t, Tensor)})
     return num_tokens, topk
 
 
-@define(
-    "moe_finalize_routing(Tensor expanded_permuted_rows, Tensor? skip1, Tensor? skip2, Tensor? bias, Tensor? scales, "
-    "Tensor expanded_src_to_dst_row, Tensor? expert_for_source_row, int drop_pad_mode, int? k) -> Tensor"
-)
-def moe_finalize_routing_op(
-    expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, k
-):
-    _, topk = _check_finalize(
-        expanded_permuted_rows,
-        skip1,
-        skip2,
-        bias,
-        scales,
-        expanded_src_to_dst_row,
-        expert_for_source_row,
-        drop_pad_mode,
-        k,
-    )
-    if on_cpu(expanded_src_to_dst_row):
-        _check_finalize_values(
-            expanded_permuted_rows, bias, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, topk
-        )
-    return ref.moe_finalize_routing(
-        expanded_permuted_rows,
-        skip1,
-        skip2,
-        bias,
-        scales,
-        expanded_src_to_dst_row,
-        expert_for_source_row,
-        drop_pad_mode,
-        topk,
-    )
-
-
-def _check_finalize_values(expanded, bias, row_idx, expert_for_source_row, drop_pad_mode, topk):
+def _check_finalize_values(a: FinalizeArgs, topk: int) -> None:
     """CPU data checks: row indices in [-1, rows), and the expert of every used row inside `bias`."""
+    row_idx = a.expanded_src_to_dst_row
     if row_idx.numel() == 0:
         return
+    expanded = a.expanded_permuted_rows
     num_rows = expanded.reshape(-1, expanded.shape[-1]).shape[0]
     low, high = int(row_idx.min()), int(row_idx.max())
     check(
         low >= -1 and high < num_rows,
         f"{_FIN}: 'expanded_src_to_dst_row' must hold rows in [0, {num_rows}) or -1, found values in [{low}, {high}]",
     )
-    if bias is not None:
-        idx = ref.finalize_index(row_idx, row_idx.shape[0] // topk, topk, drop_pad_mode)
-        used = expert_for_source_row[idx >= 0]
+    if a.bias is not None:
+        idx = ref.finalize_index(row_idx, row_idx.shape[0] // topk, topk, a.drop_pad_mode)
+        used = a.expert_for_source_row[idx >= 0]
         if used.numel():
             low, high = int(used.min()), int(used.max())
             check(
-                low >= 0 and high < bias.shape[0],
-                f"{_FIN}: 'expert_for_source_row' must hold experts in [0, {bias.shape[0]}) (rows of 'bias'), "
+                low >= 0 and high < a.bias.shape[0],
+                f"{_FIN}: 'expert_for_source_row' must hold experts in [0, {a.bias.shape[0]}) (rows of 'bias'), "
                 f"found values in [{low}, {high}]",
             )
 
 
+@define(
+    "moe_finalize_routing(Tensor expanded_permuted_rows, Tensor? skip1, Tensor? skip2, Tensor? bias, Tensor? scales, "
+    "Tensor expanded_src_to_dst_row, Tensor? expert_for_source_row, int drop_pad_mode, int? k) -> Tensor"
+)
+def moe_finalize_routing_op(*args):
+    a = FinalizeArgs(*args)
+    _, topk = _check_finalize(a)
+    if on_cpu(a.expanded_src_to_dst_row):
+        _check_finalize_values(a, topk)
+    return ref.moe_finalize_routing(*a[:-1], topk)
+
+
 @moe_finalize_routing_op.register_fake
-def _(
-    expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row, expert_for_source_row, drop_pad_mode, k
-):
-    num_tokens, _ = _check_finalize(
-        expanded_permuted_rows,
-        skip1,
-        skip2,
-        bias,
-        scales,
-        expanded_src_to_dst_row,
-        expert_for_source_row,
-        drop_pad_mode,
-        k,
-    )
-    return expanded_permuted_rows.new_empty((num_tokens, expanded_permuted_rows.shape[-1]))
+def _(*args):
+    a = FinalizeArgs(*args)
+    num_tokens, _ = _check_finalize(a)
+    return a.expanded_permuted_rows.new_empty((num_tokens, a.expanded_permuted_rows.shape[-1]))
 
 
 def _finalize_setup(ctx, inputs, output):
-    expanded, skip1, skip2, bias, scales, row_idx, expert_for_source_row, drop_pad_mode, k = inputs
-    ctx.save_for_backward(expanded, bias, scales, row_idx, expert_for_source_row)
-    ctx.drop_pad_mode = drop_pad_mode
-    ctx.topk = _finalize_topk(scales, expert_for_source_row, k)
-    ctx.skip_dtypes = tuple(s.dtype if s is not None else None for s in (skip1, skip2))
+    a = FinalizeArgs(*inputs)
+    ctx.save_for_backward(
+        a.expanded_permuted_rows, a.bias, a.scales, a.expanded_src_to_dst_row, a.expert_for_source_row
+    )
+    ctx.drop_pad_mode = a.drop_pad_mode
+    ctx.topk = _finalize_topk(a)
+    ctx.skip_dtypes = tuple(s.dtype if s is not None else None for s in (a.skip1, a.skip2))
 
 
 def _finalize_backward(ctx, grad_out):
@@ -390,7 +373,7 @@ def moe_init_routing_v2(
     releases), 1 dynamic per-row int8, 0 static int8. Differentiable in `x` (and a per-token `scale`) when
     `quant_mode=-1`.
     """
-    return moe_init_routing_v2_op(
+    args = InitRoutingArgs(
         x,
         expert_idx,
         scale,
@@ -402,9 +385,10 @@ def moe_init_routing_v2(
         expert_tokens_num_type,
         expert_tokens_num_flag,
         quant_mode,
-        list(active_expert_range),
+        active_expert_range,
         row_idx_type,
     )
+    return moe_init_routing_v2_op(*args)
 
 
 def moe_finalize_routing(
@@ -431,7 +415,7 @@ def moe_finalize_routing(
         if export_for_source_row is not None:
             raise ValueError(f"{_FIN}: pass 'export_for_source_row' or 'expert_for_source_row', not both")
         export_for_source_row = expert_for_source_row
-    return moe_finalize_routing_op(
+    args = FinalizeArgs(
         expanded_permuted_rows,
         skip1,
         skip2,
@@ -442,3 +426,4 @@ def moe_finalize_routing(
         drop_pad_mode,
         k,
     )
+    return moe_finalize_routing_op(*args)
