@@ -119,7 +119,7 @@ def test_errors():
         ops.gmm(x, w.double(), group_list=[4, 6, 10])
     with pytest.raises(ValueError, match="'weight' must be \\[G, K, N\\] with K = x.shape\\[1\\] = 4"):
         ops.gmm(x, rand(3, 5, 5), group_list=[4, 6, 10])
-    with pytest.raises(ValueError, match="'bias' must be \\[G, N\\]"):
+    with pytest.raises(ValueError, match="'bias' must have shape \\(3, 5\\) \\(\\[G, N\\]\\)"):
         ops.gmm(x, w, bias=rand(3, 4), group_list=[4, 6, 10])
     with pytest.raises(ValueError, match="'group_list' is required"):
         ops.gmm(x, w)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..reference import grouped_matmul as ref
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_same_device, check_tensor, on_cpu
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_same_device, check_shape, check_tensor, on_cpu
 from ._registry import define
 
 GroupList = Union[Tensor, Sequence[int]]
@@ -43,10 +43,7 @@ def _check_gmm(op: str, x, weight, bias, group_list, group_type) -> None:
         )
         if bias is not None:
             check_tensor(op, "bias", bias, ndim=2, dtypes=(x.dtype, torch.float32))
-            check(
-                tuple(bias.shape) == (weight.shape[0], weight.shape[2]),
-                f"{op}: 'bias' must be [G, N] = [{weight.shape[0]}, {weight.shape[2]}], got {tuple(bias.shape)}",
-            )
+            check_shape(op, "bias", bias, (weight.shape[0], weight.shape[2]), "[G, N]")
     else:
         check_tensor(op, "weight", weight, ndim=2, dtypes=(x.dtype,))
         check(
