@@ -136,9 +136,9 @@ def _check_index_values(op: str, sorted_indices: Tensor, bound: int, what: str) 
         )
 
 
-def _empty_probs(tokens: Tensor, probs: Optional[Tensor]) -> Tensor:
+def _empty_probs(tokens: Tensor) -> Tensor:
     """Stand-in for "no permuted probs": ops cannot return None, the public wrappers turn it back into None."""
-    return (probs if probs is not None else tokens).new_empty((0,))
+    return tokens.new_empty((0,))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -186,14 +186,14 @@ def moe_token_permute_with_routing_map_op(tokens, routing_map, probs, num_out_to
     permuted, permuted_probs, sorted_indices = ref.moe_token_permute_with_routing_map(
         tokens, routing_map, probs, num_out_tokens, drop_and_pad
     )
-    return permuted, permuted_probs if probs is not None else _empty_probs(tokens, probs), sorted_indices
+    return permuted, permuted_probs if probs is not None else _empty_probs(tokens), sorted_indices
 
 
 @moe_token_permute_with_routing_map_op.register_fake
 def _(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
     num_rows = _npu_permute_rows(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
     permuted = tokens.new_empty((num_rows, tokens.shape[1]))
-    permuted_probs = probs.new_empty((num_rows,)) if probs is not None else _empty_probs(tokens, probs)
+    permuted_probs = probs.new_empty((num_rows,)) if probs is not None else _empty_probs(tokens)
     # One index per row in both modes: dropless has T * K copies and T * K rows.
     return permuted, permuted_probs, routing_map.new_empty((num_rows,), dtype=torch.int32)
 
@@ -351,7 +351,7 @@ def permute_op(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
     if on_cpu(routing_map):
         _check_routing_map_values(_PERMUTE, routing_map)
     permuted, permuted_probs, sorted_indices = ref.permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
-    return permuted, permuted_probs if probs is not None else _empty_probs(tokens, probs), sorted_indices
+    return permuted, permuted_probs if probs is not None else _empty_probs(tokens), sorted_indices
 
 
 @permute_op.register_fake
@@ -365,7 +365,7 @@ def _(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
         if not isinstance(bound, int):
             torch._check(num_rows <= bound)
     permuted = tokens.new_empty((num_rows, tokens.shape[1]))
-    permuted_probs = probs.new_empty((num_rows,)) if probs is not None else _empty_probs(tokens, probs)
+    permuted_probs = probs.new_empty((num_rows,)) if probs is not None else _empty_probs(tokens)
     return permuted, permuted_probs, routing_map.new_empty((num_rows,), dtype=torch.int64)
 
 
