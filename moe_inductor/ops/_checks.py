@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -75,5 +77,6 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
 
 
 def on_cpu(t: torch.Tensor) -> bool:
-    """Whether data checks may read `t` without a device sync."""
-    return t.device.type == "cpu"
+    """Whether data checks may read `t`: a real CPU tensor (no device sync), not one being traced by torch.compile
+    (a compiled graph skips invalid entries like the accelerator kernels do)."""
+    return t.device.type == "cpu" and not is_fake(t) and not isinstance(t, FunctionalTensor)

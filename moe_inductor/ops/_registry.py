@@ -4,30 +4,103 @@ Schemas are written out rather than inferred from type hints so that sizes that 
 `SymInt` (they stay symbolic under `torch.compile(dynamic=True)`) while modes and flags are plain `int`/`bool`
 (a change of mode is a new graph, not a guard on a symbol).
 
-Each op's Python body is its default kernel, registered for every device: the plain-torch reference on CPU. Device
-kernels (Triton on CUDA, torch_npu on Ascend) are added per device with `register_kernel` by their own modules.
+Each op's Python body validates its arguments and then calls the kernels of the input's device: `backend(t)` is
+`moe_inductor.kernels` (Triton) for CUDA tensors and `moe_inductor.reference` (plain torch) elsewhere. The same
+body serves three callers:
+
+* eager calls (the op's CompositeExplicitAutograd kernel): Triton kernels are launched directly;
+* `torch.compile`: AOTAutograd decomposes the op into its body (as `torch.library.triton_op` does), so Inductor
+  sees our Triton kernels (wrapped by `wrap_triton`) on CUDA and emits their launches into its generated code, and
+  sees the plain-torch reference on CPU and fuses it into its own C++ kernels. Data checks that read values are
+  skipped while tracing (`_checks.on_cpu`). An op whose output size is data-dependent stays opaque (`traceable`).
+* the fake kernel registered by each op module (shapes only).
+
+We do not use `triton_op` itself: it infers the schema from type hints (no `SymInt` vs `int` control) and installs
+the body as the fake kernel, which our explicit fake kernels would have to override (only 2.13 allows that).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import functools
+import os
+from typing import Callable, Optional
 
 import torch
 from torch._library.custom_ops import CustomOpDef
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 NAMESPACE = "moe_inductor"
 
 #: Every op defined by the package, by name, in definition order.
 OPS: dict[str, CustomOpDef] = {}
 
+#: Set MOE_INDUCTOR_KERNELS=reference to run the plain-torch reference on CUDA too (benchmarks, debugging).
+_FORCE_REFERENCE = os.environ.get("MOE_INDUCTOR_KERNELS", "").lower() == "reference"
 
-def define(schema: str) -> Callable[[Callable], CustomOpDef]:
-    """Decorator: `@define("name(Tensor x, ...) -> Tensor")` over the op's default (reference) kernel."""
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels handle tensors on `t`'s device."""
+    return t.device.type == "cuda" and not _FORCE_REFERENCE
+
+
+def backend(t: torch.Tensor):
+    """The kernel package for `t`'s device: `moe_inductor.kernels` on CUDA, `moe_inductor.reference` elsewhere.
+
+    Both expose the same functions with the same signatures (one module per op family), so an op body reads
+    `backend(x).permutation.permute(...)` whatever the device.
+    """
+    if use_triton(t):
+        from .. import kernels
+
+        return kernels
+    from .. import reference
+
+    return reference
+
+
+def _wrap_triton_disabled():
+    """Eager calls launch Triton kernels directly instead of through the traceable `wrap_triton` HOP."""
+    setter = getattr(torch._library.triton, "set_wrap_triton_enabled", None)
+    return setter(False) if setter is not None else contextlib.nullcontext()
+
+
+def _decomposition_disabled() -> bool:
+    """torch.export keeps custom ops whole (what it does for triton_op too)."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+def define(schema: str, *, traceable: Optional[Callable[..., bool]] = None) -> Callable[[Callable], CustomOpDef]:
+    """Decorator: `@define("name(Tensor x, ...) -> Tensor")` over the op's body.
+
+    `traceable(*args)` says whether `torch.compile` may decompose a call into the body; None means always, and
+    `lambda *a: False` keeps the op opaque (its body then runs at run time, kernels included).
+    """
     name, _, signature = schema.partition("(")
     signature = "(" + signature
 
     def decorate(fn: Callable) -> CustomOpDef:
-        op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=(), schema=signature)
+        @functools.wraps(fn)
+        def eager(*args):
+            with _wrap_triton_disabled():
+                return fn(*args)
+
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}", eager, mutates_args=(), schema=signature)
+
+        def decompose(mode, func, types, args, kwargs):
+            known = (torch.Tensor, FunctionalTensor, torch._subclasses.FakeTensor)
+            if any(not issubclass(t, known) for t in types):
+                return NotImplemented
+            if _decomposition_disabled() or (traceable is not None and not traceable(*args, **kwargs)):
+                return mode.__torch_dispatch__(func, types, args, kwargs)
+            with mode:
+                return fn(*args, **kwargs)
+
+        op.register_torch_dispatch(FunctionalTensorMode, decompose)
         OPS[name] = op
         return op
 

@@ -77,7 +77,11 @@ def _check_group_values(op: str, group_list: Tensor, bound: int, axis: str, cumu
 
 
 def _define_gmm(name: str, cumulative: bool):
-    @define(f"{name}(Tensor x, Tensor weight, Tensor? bias, Tensor group_list, int group_type) -> Tensor")
+    # Opaque under torch.compile until the grouped-GEMM kernels land: the reference loops over groups on the host.
+    @define(
+        f"{name}(Tensor x, Tensor weight, Tensor? bias, Tensor group_list, int group_type) -> Tensor",
+        traceable=lambda *args: False,
+    )
     def gmm_op(x, weight, bias, group_list, group_type):
         _check_gmm(name, x, weight, bias, group_list, group_type)
         if on_cpu(group_list):

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..reference import init_routing as ref
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_same_device, check_shape, check_tensor, on_cpu
-from ._registry import define
+from ._registry import backend, define
 
 # ---------------------------------------------------------------------------------------------------------------------
 # moe_init_routing_v2
@@ -132,8 +132,9 @@ def _check_init_routing(a: InitRoutingArgs) -> tuple[int, int]:
     "-> (Tensor expanded_x, Tensor expanded_row_idx, Tensor expert_token_cumsum_or_count, Tensor expanded_scale)"
 )
 def moe_init_routing_v2_op(*args):
-    _check_init_routing(InitRoutingArgs(*args))
-    return ref.moe_init_routing_v2(*args)
+    a = InitRoutingArgs(*args)
+    _check_init_routing(a)
+    return backend(a.x).init_routing.moe_init_routing_v2(*args)
 
 
 @moe_init_routing_v2_op.register_fake
@@ -177,7 +178,7 @@ def _init_backward(ctx, grad_expanded_x, _grad_row_idx, _grad_counts, grad_expan
         return tuple(grads)
     (expanded_row_idx,) = ctx.saved_tensors
     need_scale = ctx.has_scale and ctx.needs_input_grad[2]
-    grad_x, grad_scale = ref.moe_init_routing_v2_backward(
+    grad_x, grad_scale = backend(expanded_row_idx).init_routing.moe_init_routing_v2_backward(
         grad_expanded_x, grad_expanded_scale if need_scale else None, expanded_row_idx, ctx.row_idx_type, ctx.topk
     )
     grads[0] = grad_x if ctx.needs_input_grad[0] else None
@@ -299,7 +300,7 @@ def moe_finalize_routing_op(*args):
     _, topk = _check_finalize(a)
     if on_cpu(a.expanded_src_to_dst_row):
         _check_finalize_values(a, topk)
-    return ref.moe_finalize_routing(*a[:-1], topk)
+    return backend(a.expanded_permuted_rows).init_routing.moe_finalize_routing(*a[:-1], topk)
 
 
 @moe_finalize_routing_op.register_fake
@@ -322,7 +323,7 @@ def _finalize_setup(ctx, inputs, output):
 def _finalize_backward(ctx, grad_out):
     expanded, bias, scales, row_idx, expert_for_source_row = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_rows, grad_bias, grad_scales = ref.moe_finalize_routing_backward(
+    grad_rows, grad_bias, grad_scales = backend(grad_out).init_routing.moe_finalize_routing_backward(
         grad_out,
         expanded,
         bias,

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_same_device, check_shape, check_tensor, on_cpu
-from ._registry import define
+from ._registry import backend, define
 
 # ---------------------------------------------------------------------------------------------------------------------
 # indices_to_multihot
@@ -53,7 +53,7 @@ def indices_to_multihot_op(indices: Tensor, probs: Tensor, num_local_experts: in
     _check_indices_to_multihot(indices, probs, num_local_experts)
     if on_cpu(indices):
         _check_routed_ids(_I2M, "indices", indices, num_local_experts, "expert id")
-    routing_map, probs_map = reference.multihot.indices_to_multihot(indices, probs, num_local_experts)
+    routing_map, probs_map = backend(indices).multihot.indices_to_multihot(indices, probs, num_local_experts)
     return probs_map, routing_map
 
 
@@ -71,7 +71,7 @@ def _i2m_setup(ctx, inputs, output):
 
 def _i2m_backward(ctx, grad_probs_map, grad_routing_map):
     (indices,) = ctx.saved_tensors
-    return None, reference.multihot.indices_to_multihot_backward(grad_probs_map, indices), None
+    return None, backend(indices).multihot.indices_to_multihot_backward(grad_probs_map, indices), None
 
 
 indices_to_multihot_op.register_autograd(_i2m_backward, setup_context=_i2m_setup)
@@ -99,7 +99,7 @@ def multihot_to_indices_op(probs_map: Tensor, position_map: Tensor, topk: int) -
         high = int(position_map.max())
         check(high < topk, f"{_M2I}: 'position_map' holds position {high}, must be < topk={topk}")
         _check_routed_ids(_M2I, "position_map", position_map, topk, "position")
-    return reference.multihot.multihot_to_indices(probs_map, position_map, topk)
+    return backend(probs_map).multihot.multihot_to_indices(probs_map, position_map, topk)
 
 
 @multihot_to_indices_op.register_fake
@@ -115,7 +115,7 @@ def _m2i_setup(ctx, inputs, output):
 
 def _m2i_backward(ctx, grad_probs):
     (position_map,) = ctx.saved_tensors
-    return reference.multihot.multihot_to_indices_backward(grad_probs, position_map), None, None
+    return backend(grad_probs).multihot.multihot_to_indices_backward(grad_probs, position_map), None, None
 
 
 multihot_to_indices_op.register_autograd(_m2i_backward, setup_context=_m2i_setup)

@@ -23,7 +23,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from ..reference import permutation as ref
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, ROUTING_MAP_DTYPES, check, check_same_device, check_shape
 from ._checks import check_tensor, on_cpu
-from ._registry import define
+from ._registry import backend, define
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared validation
@@ -183,7 +183,7 @@ def moe_token_permute_with_routing_map_op(tokens, routing_map, probs, num_out_to
         _check_routing_map_values(_NPU_PERMUTE, routing_map)
         if not drop_and_pad:
             _check_experts_per_token(routing_map, num_rows)
-    permuted, permuted_probs, sorted_indices = ref.moe_token_permute_with_routing_map(
+    permuted, permuted_probs, sorted_indices = backend(tokens).permutation.moe_token_permute_with_routing_map(
         tokens, routing_map, probs, num_out_tokens, drop_and_pad
     )
     return permuted, permuted_probs if probs is not None else _empty_probs(tokens), sorted_indices
@@ -214,14 +214,12 @@ def _make_permute_setup(pads: Callable[[Optional[int], bool], bool]):
 
 def _permute_backward(ctx, grad_permuted, grad_permuted_probs, _grad_sorted_indices):
     routing_map, sorted_indices = ctx.saved_tensors
-    num_tokens, num_experts = routing_map.shape
-    pairs = ref.permute_pairs(routing_map, sorted_indices.shape[0], ctx.drop_and_pad)
-    grad_tokens, grad_probs = ref.dispatch_backward(
+    grad_tokens, grad_probs = backend(routing_map).permutation.permute_backward(
         grad_permuted if ctx.needs_input_grad[0] else None,
         grad_permuted_probs if ctx.has_probs and ctx.needs_input_grad[2] else None,
-        pairs,
-        num_tokens,
-        num_experts,
+        routing_map,
+        sorted_indices.shape[0],
+        ctx.drop_and_pad,
     )
     return grad_tokens, None, grad_probs, None, None
 
@@ -271,7 +269,7 @@ def moe_token_unpermute_with_routing_map_op(
         _check_index_values(_NPU_UNPERMUTE, sorted_indices, bound, what)
         if routing_map is not None:
             _check_routing_map_values(_NPU_UNPERMUTE, routing_map)
-    return ref.moe_token_unpermute_with_routing_map(
+    return backend(permuted_tokens).permutation.moe_token_unpermute_with_routing_map(
         permuted_tokens, sorted_indices, restore_shape, probs, routing_map, drop_and_pad
     )
 
@@ -289,31 +287,22 @@ def _unpermute_setup(ctx, inputs, output):
     ctx.drop_and_pad = drop_and_pad
 
 
-def _make_unpermute_backward(row_maps):
-    """Backward of an unpermute whose rows are described by `row_maps(...) -> (destination token, pair)`."""
+def _make_unpermute_backward(name: str):
+    """Backward of an unpermute; `name` is the backend function computing (grad permuted, grad probs)."""
 
     def backward(ctx, grad_out):
         permuted, sorted_indices, probs, routing_map = ctx.saved_tensors
-        dest, pairs = row_maps(ctx, permuted, sorted_indices, probs, routing_map)
-        weights = ref.pair_probs(probs, pairs) if probs is not None else None
         need_probs_grad = probs is not None and ctx.needs_input_grad[3]
-        grad_permuted, grad_weights = ref.combine_backward(grad_out, permuted, dest, weights, need_probs_grad)
-        grad_probs = None
-        if need_probs_grad:
-            grad_probs = ref.scatter_pair_grads(grad_weights, pairs, ctx.num_tokens, probs.shape[1], probs.dtype)
+        grad_permuted, grad_probs = getattr(backend(permuted).permutation, name)(
+            grad_out, permuted, sorted_indices, probs, routing_map, ctx.drop_and_pad, need_probs_grad
+        )
         return grad_permuted if ctx.needs_input_grad[0] else None, None, None, grad_probs, None, None
 
     return backward
 
 
-def _npu_unpermute_rows(ctx, permuted, sorted_indices, probs, routing_map):
-    return ref.moe_token_unpermute_rows(
-        sorted_indices, routing_map, probs, ctx.num_tokens, permuted.shape[0], ctx.drop_and_pad
-    )
-
-
 moe_token_unpermute_with_routing_map_op.register_autograd(
-    _make_unpermute_backward(_npu_unpermute_rows), setup_context=_unpermute_setup
+    _make_unpermute_backward("moe_token_unpermute_backward"), setup_context=_unpermute_setup
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,15 +331,20 @@ def _megatron_permute_rows(tokens, routing_map, probs, num_out_tokens, drop_and_
     return num_out_tokens
 
 
+# num_out_tokens=None has a data-dependent row count: that call stays one opaque op under torch.compile (its fake
+# kernel declares an unbacked size; the kernel syncs once to size its outputs, as Megatron's masked_select does).
 @define(
     "permute(Tensor tokens, Tensor routing_map, Tensor? probs, SymInt? num_out_tokens, bool drop_and_pad) "
-    "-> (Tensor permuted_tokens, Tensor permuted_probs, Tensor sorted_indices)"
+    "-> (Tensor permuted_tokens, Tensor permuted_probs, Tensor sorted_indices)",
+    traceable=lambda tokens, routing_map, probs, num_out_tokens, drop_and_pad: num_out_tokens is not None,
 )
 def permute_op(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
     _megatron_permute_rows(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
     if on_cpu(routing_map):
         _check_routing_map_values(_PERMUTE, routing_map)
-    permuted, permuted_probs, sorted_indices = ref.permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
+    permuted, permuted_probs, sorted_indices = backend(tokens).permutation.permute(
+        tokens, routing_map, probs, num_out_tokens, drop_and_pad
+    )
     return permuted, permuted_probs if probs is not None else _empty_probs(tokens), sorted_indices
 
 
@@ -402,7 +396,9 @@ def unpermute_op(permuted_tokens, sorted_indices, restore_shape, probs, routing_
         _check_index_values(_UNPERMUTE, sorted_indices, num_tokens, "token ids")
         if routing_map is not None:
             _check_routing_map_values(_UNPERMUTE, routing_map)
-    return ref.unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map, drop_and_pad)
+    return backend(permuted_tokens).permutation.unpermute(
+        permuted_tokens, sorted_indices, restore_shape, probs, routing_map, drop_and_pad
+    )
 
 
 @unpermute_op.register_fake
@@ -411,11 +407,7 @@ def _(permuted_tokens, sorted_indices, restore_shape, probs, routing_map, drop_a
     return permuted_tokens.new_empty(tuple(restore_shape))
 
 
-def _megatron_unpermute_rows(ctx, permuted, sorted_indices, probs, routing_map):
-    return ref.unpermute_rows(sorted_indices, routing_map, probs, ctx.num_tokens, ctx.drop_and_pad)
-
-
-unpermute_op.register_autograd(_make_unpermute_backward(_megatron_unpermute_rows), setup_context=_unpermute_setup)
+unpermute_op.register_autograd(_make_unpermute_backward("unpermute_backward"), setup_context=_unpermute_setup)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Public API

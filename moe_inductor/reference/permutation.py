@@ -270,3 +270,38 @@ def unpermute(permuted, sorted_indices, restore_shape, probs, routing_map, drop_
     dest, pairs = unpermute_rows(sorted_indices, routing_map, probs, num_tokens, drop_and_pad)
     weights = pair_probs(probs, pairs) if probs is not None else None
     return combine(permuted, dest, weights, num_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backward of the ops (the same functions exist in moe_inductor.kernels.permutation)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def permute_backward(grad_permuted, grad_permuted_probs, routing_map, num_rows, drop_and_pad: bool):
+    """(grad tokens, grad probs) of either permute that produced `num_rows` rows; None in, None out."""
+    num_tokens, num_experts = routing_map.shape
+    pairs = permute_pairs(routing_map, num_rows, drop_and_pad)
+    return dispatch_backward(grad_permuted, grad_permuted_probs, pairs, num_tokens, num_experts)
+
+
+def _unpermute_backward(grad_out, permuted, dest, pairs, probs, need_probs_grad: bool):
+    weights = pair_probs(probs, pairs) if probs is not None else None
+    grad_permuted, grad_weights = combine_backward(grad_out, permuted, dest, weights, need_probs_grad)
+    grad_probs = None
+    if need_probs_grad:
+        grad_probs = scatter_pair_grads(grad_weights, pairs, grad_out.shape[0], probs.shape[1], probs.dtype)
+    return grad_permuted, grad_probs
+
+
+def moe_token_unpermute_backward(grad_out, permuted, sorted_indices, probs, routing_map, drop_and_pad, need_probs):
+    """(grad permuted, grad probs) of `moe_token_unpermute_with_routing_map`."""
+    dest, pairs = moe_token_unpermute_rows(
+        sorted_indices, routing_map, probs, grad_out.shape[0], permuted.shape[0], drop_and_pad
+    )
+    return _unpermute_backward(grad_out, permuted, dest, pairs, probs, need_probs)
+
+
+def unpermute_backward(grad_out, permuted, sorted_indices, probs, routing_map, drop_and_pad, need_probs):
+    """(grad permuted, grad probs) of Megatron-style `unpermute`."""
+    dest, pairs = unpermute_rows(sorted_indices, routing_map, probs, grad_out.shape[0], drop_and_pad)
+    return _unpermute_backward(grad_out, permuted, dest, pairs, probs, need_probs)

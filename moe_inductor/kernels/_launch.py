@@ -1,0 +1,29 @@
+"""How every launcher in `moe_inductor.kernels` starts a Triton kernel.
+
+Eager calls on real tensors launch the `@triton.jit` function directly. While `torch.compile` traces an op's body
+(its arguments are fake or functional tensors), the kernel goes through `torch.library.wrap_triton`, which records
+it in the graph so that Inductor emits the launch into its generated code. Under `TRITON_INTERPRET=1` (CPU tests)
+kernels are interpreted functions and are always launched directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensor
+from triton.runtime.jit import JITFunction
+
+
+def _traced(t: torch.Tensor) -> bool:
+    return isinstance(t, FunctionalTensor) or is_fake(t)
+
+
+def launcher(kernel, like: torch.Tensor):
+    """`launcher(kernel, x)[grid](...)`: the kernel, wrapped for tracing when `x` is being traced."""
+    if isinstance(kernel, JITFunction) and _traced(like):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
