@@ -443,7 +443,7 @@ def test_gpu_init_routing_matches_reference(shape, case):
     _, idx = _routing(N, K, E, seed=1)
     args = args._replace(expert_idx=idx.to(torch.int32))
     expected = ref.moe_init_routing_v2(*args)
-    actual = _cpu(ops.moe_init_routing_v2(*_cuda(args)))
+    actual = _cpu(torch.ops.moe_inductor.moe_init_routing_v2(*_cuda(args)))
     for a, e, what in zip(
         actual, expected, ("expanded_x", "expanded_row_idx", "counts", "expanded_scale"), strict=True
     ):
@@ -465,7 +465,7 @@ def test_gpu_finalize_forward_and_backward_match_reference(shape, mode):
     args = (expanded_x, skip, None, bias, probs.to(BF16), row_idx, idx.to(torch.int32), mode, K)
     expected = ref.moe_finalize_routing(*args)
     leaves = [a.cuda().requires_grad_(i in (0, 3, 4)) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
-    out = ops.moe_finalize_routing(*leaves)
+    out = torch.ops.moe_inductor.moe_finalize_routing(*leaves)
     _assert_close(out.cpu(), expected, "out")
     grad_out = _nonzero(N, H, seed=6, dtype=BF16)
     grads = torch.autograd.grad(out, [leaves[0], leaves[3], leaves[4]], grad_out.cuda())
@@ -497,7 +497,7 @@ def test_gpu_init_routing_backward_matches_reference(shape, row_idx_type):
     grad_scale = _nonzero(expanded_x.shape[0], seed=11)
     expected = ref.moe_init_routing_v2_backward(grad_rows, grad_scale, row_idx, row_idx_type, K)
     x_cuda, scale_cuda = x.cuda().requires_grad_(), scale.cuda().requires_grad_()
-    outputs = ops.moe_init_routing_v2(*_cuda(args._replace(x=x_cuda, scale=scale_cuda)))
+    outputs = torch.ops.moe_inductor.moe_init_routing_v2(*_cuda(args._replace(x=x_cuda, scale=scale_cuda)))
     grads = torch.autograd.grad([outputs[0], outputs[3]], [x_cuda, scale_cuda], [grad_rows.cuda(), grad_scale.cuda()])
     _assert_close(grads[0].cpu(), expected[0], "grad_x")
     _assert_close(grads[1].cpu(), expected[1], "grad_scale")

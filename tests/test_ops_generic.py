@@ -97,7 +97,8 @@ def test_compiled_matches_eager(op_name, sample, dynamic):
 
     expected, expected_grads = run(op)
     actual, actual_grads = run(torch.compile(lambda *a: op(*a), fullgraph=True, dynamic=dynamic))
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    # Inductor fuses the reference (CPU) and may reorder float sums: float outputs to rounding, integers exactly.
+    torch.testing.assert_close(actual, expected)
     for a, e in zip(actual_grads, expected_grads, strict=True):
         if e is None:
             assert a is None

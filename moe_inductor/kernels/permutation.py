@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 import triton
 import triton.language as tl
 
 from ..reference import permutation as ref
-from ..reference._rows import acc_dtype, valid_rows
+from ..reference._rows import acc_dtype, gather_rows, valid_rows
 from ._launch import launcher, next_pow2
 
 _INT32_MAX = 2**31 - 1
@@ -602,7 +603,7 @@ def dispatch_rows(tokens: torch.Tensor, rows: PairRows, num_rows) -> torch.Tenso
     num_tokens, hidden = tokens.shape
     tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
     out = tokens.new_empty((num_rows, hidden))
-    if num_tokens == 0 or hidden == 0 or num_rows == 0:
+    if num_tokens == 0 or hidden == 0 or guard_or_false(num_rows == 0):
         return out
     num_experts = rows.row_of_pair.shape[1]
     block_h, warps = _tile(hidden, 1, tile=4096)
@@ -666,7 +667,7 @@ def combine_rows_backward(grad_out, y, rows: PairRows, weights, need_weights_gra
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     y = y if y.stride(-1) == 1 else y.contiguous()
     # Every row below T * E belongs to exactly one pair and gets written; rows past that (malformed) stay zero.
-    exact = num_rows <= num_tokens * num_experts
+    exact = guard_or_false(num_rows <= num_tokens * num_experts)  # unknown (data-dependent): zero-fill, stay safe
     grad_y = y.new_empty((num_rows, hidden)) if exact else y.new_zeros((num_rows, hidden))
     grad_w = None
     if need_weights_grad:
@@ -837,13 +838,8 @@ def permute_backward(grad_permuted, grad_permuted_probs, routing_map, num_rows, 
     if grad_permuted is not None:
         grad_tokens = combine_rows(grad_permuted, rows, None, num_tokens)
     if grad_permuted_probs is not None:
-        has_row = row_of_pair >= 0
-        picked = grad_permuted_probs[torch.where(has_row, row_of_pair, 0).long()] if num_rows else None
-        grad_probs = (
-            torch.where(has_row, picked, 0).to(grad_permuted_probs.dtype)
-            if picked is not None
-            else grad_permuted_probs.new_zeros((num_tokens, num_experts))
-        )
+        # Each pair's row grad (zero for pairs without a row); a gather, fused by Inductor under compile.
+        grad_probs = gather_rows(grad_permuted_probs, row_of_pair.reshape(-1).long()).view(num_tokens, num_experts)
     return grad_tokens, grad_probs
 
 
