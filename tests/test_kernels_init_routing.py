@@ -24,67 +24,29 @@ at the benchmark shapes (dsv3-small) and at odd shapes, eager and under torch.co
 
 from __future__ import annotations
 
-import importlib
-import types
 
 import pytest
 import torch
-import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from moe_inductor import ops
 from moe_inductor.ops.init_routing import InitRoutingArgs
 from moe_inductor.reference import init_routing as ref
+from poison import interpreted_module
 
-# Whether Triton (its library included) was imported in interpreter mode: only then can kernels run on CPU here.
-INTERPRETED = isinstance(tl.sum, InterpretedFunction)
-
-POISON = 0x5A  # int32 0x5A5A5A5A, int8 90, float32 ~1.5e16: never a value the kernels write
-GUARD = 64  # elements after every output that must stay poisoned
 F32, BF16 = torch.float32, torch.bfloat16
 
 SMALL_TILES = dict(_SUB=16, _MAX_BLOCK_E=2, _SCAN_CHUNKS=2, _MAX_BLOCK_H=16, _ROW_TILE=16, _ZERO_ROWS=4)
-
-
-class _PoisonedTorch(types.ModuleType):
-    """`torch` for the kernel module: `empty`/`empty_like` give garbage-filled tensors, each followed by a guard."""
-
-    def __init__(self):
-        super().__init__("torch")
-        self.allocations = []
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def empty(self, size, *, dtype=None, device=None):
-        n = 1
-        for s in size:
-            n *= s
-        base = torch.empty(n + GUARD, dtype=dtype, device=device)
-        base.view(torch.uint8).fill_(POISON)
-        self.allocations.append((base, n))
-        return base[:n].view(size)
-
-    def empty_like(self, t):
-        return self.empty(t.shape, dtype=t.dtype, device=t.device)
-
-    def check_guards(self):
-        for base, n in self.allocations:
-            assert bool((base[n:].view(torch.uint8) == POISON).all()), "a kernel wrote past the end of a buffer"
 
 
 @pytest.fixture
 def k(request, monkeypatch):
     """The interpreted kernel module (poisoned outputs, guards checked afterwards); tiny tiles when parametrized
     with "small" (indirect)."""
-    if not INTERPRETED:
-        pytest.skip("needs TRITON_INTERPRET=1 from process start (tests/conftest.py sets it without CUDA)")
-    module = importlib.import_module("moe_inductor.kernels.init_routing")
+    module, poisoned = interpreted_module("moe_inductor.kernels.init_routing", monkeypatch)
     if getattr(request, "param", "default") == "small":
         for name, value in SMALL_TILES.items():
             monkeypatch.setattr(module, name, value)
-    poisoned = _PoisonedTorch()
-    monkeypatch.setattr(module, "torch", poisoned)
     yield module
     poisoned.check_guards()
 

@@ -13,62 +13,25 @@ GPU tests (`@pytest.mark.gpu`) run the ops on CUDA, where they call the real com
 
 from __future__ import annotations
 
-import importlib
-import types
 
 import pytest
 import torch
-import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from moe_inductor import ops
 from moe_inductor.reference import multihot as ref
-
-# Whether Triton (its library included) was imported in interpreter mode: only then can kernels run on CPU here.
-INTERPRETED = isinstance(tl.zeros, InterpretedFunction)
-
-POISON = 0x5A  # as float32 ~1.5e16, as bool bytes neither 0 nor 1
-GUARD = 64  # elements after every output that must stay poisoned
-
-
-class _PoisonedTorch(types.ModuleType):
-    """`torch` for the kernel module: `empty` gives garbage-filled outputs, each followed by a guard region."""
-
-    def __init__(self):
-        super().__init__("torch")
-        self.allocations = []
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def empty(self, size, *, dtype=None, device=None):
-        n = 1
-        for s in size:
-            n *= s
-        base = torch.empty(n + GUARD, dtype=dtype, device=device)
-        base.view(torch.uint8).fill_(POISON)
-        self.allocations.append((base, n))
-        return base[:n].view(size)
-
-    def check_guards(self):
-        for base, n in self.allocations:
-            assert bool((base[n:].view(torch.uint8) == POISON).all()), "a kernel wrote past the end of an output"
+from poison import INTERPRETED, interpreted_module
 
 
 @pytest.fixture
 def k(monkeypatch):
     """The interpreted kernel module, with poisoned outputs whose guard regions are checked after the test."""
-    if not INTERPRETED:
-        pytest.skip("needs TRITON_INTERPRET=1 from process start (tests/conftest.py sets it without CUDA)")
-    module = importlib.import_module("moe_inductor.kernels.multihot")
-    poisoned = _PoisonedTorch()
-    monkeypatch.setattr(module, "torch", poisoned)
+    module, poisoned = interpreted_module("moe_inductor.kernels.multihot", monkeypatch)
     yield module
     poisoned.check_guards()
 
 
 def test_kernels_are_interpreted(k):
-    from triton.runtime.interpreter import InterpretedFunction
 
     assert isinstance(k._indices_to_multihot_kernel, InterpretedFunction)
     assert isinstance(k._multihot_to_indices_kernel, InterpretedFunction)

@@ -180,14 +180,6 @@ def _token_rows(rows_ptr, t, E, num_rows, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _pick(values, valid, pos, j):
-    """values at the valid entries of rank j (a [BLOCK_W] vector of ranks): one [W, E] masked reduction, so the copies
-    of a token are handled as a [W, H] tile (all row loads in flight at once) instead of a serial loop."""
-    hit = valid[None, :] & (pos[None, :] == j[:, None])
-    return tl.sum(tl.where(hit, values[None, :], 0), axis=1)
-
-
-@triton.jit
 def _dispatch(
     x_ptr,
     list_ptr,
@@ -347,6 +339,14 @@ def _combine_backward(
 
 
 @triton.jit
+def _token_span(ptr_ptr, t, width, HAS_PTR: tl.constexpr):
+    """Token t's list entries: [ptr[t], ptr[t+1]) in CSR form, else [t*width, (t+1)*width)."""
+    if HAS_PTR:
+        return tl.load(ptr_ptr + t), tl.load(ptr_ptr + t + 1)
+    return t * width, t * width + width
+
+
+@triton.jit
 def _combine_list(
     y_ptr,
     entries_ptr,
@@ -368,12 +368,7 @@ def _combine_list(
     Token t's entries are [ptr[t], ptr[t+1]) with HAS_PTR (CSR), else [t*width, (t+1)*width)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    if HAS_PTR:
-        start = tl.load(ptr_ptr + t)
-        end = tl.load(ptr_ptr + t + 1)
-    else:
-        start = t * width
-        end = start + width
+    start, end = _token_span(ptr_ptr, t, width, HAS_PTR)
     acc = tl.zeros([BLOCK_H], dtype=ACC)
     for i in range(start, end):
         r = tl.load(entries_ptr + i).to(tl.int64)
@@ -410,12 +405,7 @@ def _combine_list_backward(
 ):
     """grad_y[entries[i]] = g[t] * w[i], grad_w[i] = <g[t], y[entries[i]]> for the list entries i of token t."""
     t = tl.program_id(0).to(tl.int64)
-    if HAS_PTR:
-        start = tl.load(ptr_ptr + t)
-        end = tl.load(ptr_ptr + t + 1)
-    else:
-        start = t * width
-        end = start + width
+    start, end = _token_span(ptr_ptr, t, width, HAS_PTR)
     for i in range(start, end):
         r = tl.load(entries_ptr + i).to(tl.int64)
         ok = (r >= 0) & (r < num_rows)
@@ -708,12 +698,13 @@ class RowList:
     """Token-major list of rows: token t owns entries [ptr[t], ptr[t+1]) (or [t*width, (t+1)*width) without ptr)."""
 
     entries: torch.Tensor  # row ids (-1 / out of range: skipped)
-    weights: Optional[torch.Tensor]  # one per entry, or None
+    weights: Optional[torch.Tensor] = None  # one per entry, or None
+    pairs: Optional[torch.Tensor] = None  # the (expert, token) pair each weight came from, `e * T + t` (-1: none)
     ptr: Optional[torch.Tensor] = None
     width: int = 0
 
 
-def rows_by_token(dest: torch.Tensor, num_tokens, row_weights: Optional[torch.Tensor]) -> RowList:
+def rows_by_token(dest: torch.Tensor, num_tokens) -> RowList:
     """Group the rows of a forward map (token of each row, invalid = none) by token, ascending row within a token.
 
     A stable sort keeps the reference's summation order (ascending row)."""
@@ -723,8 +714,7 @@ def rows_by_token(dest: torch.Tensor, num_tokens, row_weights: Optional[torch.Te
     counts = torch.zeros(num_tokens + 1, dtype=torch.int64, device=dest.device)
     counts.scatter_add_(0, keys, torch.ones_like(keys))
     ptr = torch.cat([counts.new_zeros(1), counts[:num_tokens].cumsum(0)])
-    weights = row_weights[order] if row_weights is not None else None
-    return RowList(entries=order, weights=weights, ptr=ptr)
+    return RowList(entries=order, ptr=ptr)
 
 
 def combine_list(y: torch.Tensor, rows: RowList, num_tokens) -> torch.Tensor:
@@ -844,29 +834,32 @@ def permute_backward(grad_permuted, grad_permuted_probs, routing_map, num_rows, 
 
 
 def _unpermute_plan(permuted, sorted_indices, probs, routing_map, num_tokens, drop_and_pad, megatron: bool):
-    """How to combine: ("dense", row_of_pair) when the routing map names every row's pair, else ("list", RowList)."""
+    """How to combine: ("dense", PairRows) when the routing map names every row's pair, else ("list", RowList) with
+    the weight of each entry and the pair it came from (what the backward scatters probs grads to)."""
     num_rows = permuted.shape[0]
     if megatron and not drop_and_pad and probs is not None and _supported(routing_map):
         return "dense", pair_rows(routing_map, num_rows, list_weights=probs)
     if not megatron and not drop_and_pad:
         # torch_npu dropless: sorted_indices is already token-major (row of the j-th routed expert of t at t*K + j).
         topk = ref.npu_topk(num_tokens, sorted_indices.shape[0])
-        weights = None
+        rows = RowList(entries=sorted_indices, width=topk)
         if probs is not None:
-            experts = ref.routed_experts(routing_map, topk)
-            tokens = torch.arange(num_tokens, device=probs.device).unsqueeze(1)
-            weights = torch.where(experts >= 0, probs[tokens, experts.clamp_min(0)], 0).reshape(-1)
-        return "list", RowList(entries=sorted_indices, weights=weights, width=topk)
-    # A forward map: token of each row; drop-and-pad rows know their expert from their slot.
-    dest = sorted_indices.to(torch.int64)
-    row_weights = None
-    if probs is not None:
-        if drop_and_pad:
-            pairs = ref.pad_pairs_from_tokens(sorted_indices, num_tokens, probs.shape[1])
-        else:
-            pairs = ref.dropless_pairs(routing_map, num_rows)
-        row_weights = ref.pair_probs(probs, pairs)
-    return "list", rows_by_token(dest, num_tokens, row_weights)
+            experts = ref.routed_experts(routing_map, topk).reshape(-1)
+            token = torch.arange(experts.shape[0], device=experts.device) // max(topk, 1)
+            listed = (experts >= 0) & valid_rows(sorted_indices.long(), num_rows)
+            rows.pairs = torch.where(listed, experts * num_tokens + token, -1)
+    else:
+        # A forward map: token of each row; drop-and-pad rows know their expert from their slot.
+        rows = rows_by_token(sorted_indices, num_tokens)
+        if probs is not None:
+            if drop_and_pad:
+                row_pairs = ref.pad_pairs_from_tokens(sorted_indices, num_tokens, probs.shape[1])
+            else:
+                row_pairs = ref.dropless_pairs(routing_map, num_rows)
+            rows.pairs = row_pairs[rows.entries]
+    if rows.pairs is not None:
+        rows.weights = ref.pair_probs(probs, rows.pairs)
+    return "list", rows
 
 
 def _unpermute(permuted, sorted_indices, restore_shape, probs, routing_map, drop_and_pad, megatron):
@@ -885,21 +878,8 @@ def _unpermute_backward(grad_out, permuted, sorted_indices, probs, routing_map, 
     grad_permuted, grad_w = combine_list_backward(grad_out, permuted, plan, need_probs_grad)
     grad_probs = None
     if need_probs_grad:
-        # Per-entry grads back to the dense [T, E] probs, through the same pairs the weights came from.
-        if kind == "list" and plan.ptr is None:
-            experts = ref.routed_experts(routing_map, plan.width).reshape(-1)
-            token = torch.arange(experts.shape[0], device=experts.device) // max(plan.width, 1)
-            pairs = torch.where(
-                (experts >= 0) & valid_rows(sorted_indices.long(), permuted.shape[0]), experts * num_tokens + token, -1
-            )
-        else:
-            row_pairs = (
-                ref.pad_pairs_from_tokens(sorted_indices, num_tokens, probs.shape[1])
-                if drop_and_pad
-                else ref.dropless_pairs(routing_map, permuted.shape[0])
-            )
-            pairs = row_pairs[plan.entries]
-        grad_probs = ref.scatter_pair_grads(grad_w, pairs, num_tokens, probs.shape[1], probs.dtype)
+        # Per-entry grads back to the dense [T, E] probs, through the pairs the weights came from.
+        grad_probs = ref.scatter_pair_grads(grad_w, plan.pairs, num_tokens, probs.shape[1], probs.dtype)
     return grad_permuted, grad_probs
 
 
