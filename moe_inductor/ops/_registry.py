@@ -5,14 +5,16 @@ Schemas are written out rather than inferred from type hints so that sizes that 
 (a change of mode is a new graph, not a guard on a symbol).
 
 Each op's Python body validates its arguments and then calls the kernels of the input's device: `backend(t)` is
-`moe_inductor.kernels` (Triton) for CUDA tensors and `moe_inductor.reference` (plain torch) elsewhere. The same
-body serves three callers:
+`moe_inductor.kernels` (Triton) for CUDA tensors, the package a device backend registered in `DEVICE_KERNELS` (the
+Ascend NPU: `moe_inductor.backends.npu`), and `moe_inductor.reference` (plain torch) elsewhere. The same body serves
+three callers:
 
 * eager calls (the op's CompositeExplicitAutograd kernel): Triton kernels are launched directly;
 * `torch.compile`: AOTAutograd decomposes the op into its body (as `torch.library.triton_op` does), so Inductor
   sees our Triton kernels (wrapped by `wrap_triton`) on CUDA and emits their launches into its generated code, and
   sees the plain-torch reference on CPU and fuses it into its own C++ kernels. Data checks that read values are
-  skipped while tracing (`_checks.on_cpu`). An op whose output size is data-dependent stays opaque (`traceable`).
+  skipped while tracing (`_checks.on_cpu`). An op whose output size is data-dependent stays opaque (`traceable`),
+  and so does an op that a device package lists in its `WHOLE_OPS` (its graph compiler maps the op itself).
 * the fake kernel registered by each op module (shapes only).
 
 We do not use `triton_op` itself: it infers the schema from type hints (no `SymInt` vs `int` control) and installs
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from types import ModuleType
 from typing import Callable, Optional
 
 import torch
@@ -39,17 +42,27 @@ OPS: dict[str, CustomOpDef] = {}
 _FORCE_REFERENCE = os.environ.get("MOE_INDUCTOR_KERNELS", "").lower() == "reference"
 
 
+#: Kernel packages of other devices, by device type, added by their backend's `install()` (e.g. "npu"). A package has
+#: the family modules of `moe_inductor.reference` and `WHOLE_OPS`, the names of the ops torch.compile keeps whole on
+#: that device.
+DEVICE_KERNELS: dict[str, ModuleType] = {}
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the Triton kernels handle tensors on `t`'s device."""
     return t.device.type == "cuda" and not _FORCE_REFERENCE
 
 
 def backend(t: torch.Tensor):
-    """The kernel package for `t`'s device: `moe_inductor.kernels` on CUDA, `moe_inductor.reference` elsewhere.
+    """The kernel package for `t`'s device: `moe_inductor.kernels` on CUDA, a registered `DEVICE_KERNELS` package,
+    `moe_inductor.reference` elsewhere.
 
-    Both expose the same functions with the same signatures (one module per op family), so an op body reads
+    All expose the same functions with the same signatures (one module per op family), so an op body reads
     `backend(x).permutation.permute(...)` whatever the device.
     """
+    device_kernels = DEVICE_KERNELS.get(t.device.type)
+    if device_kernels is not None:
+        return device_kernels
     if use_triton(t):
         from .. import kernels
 
@@ -74,6 +87,16 @@ def _decomposition_disabled() -> bool:
     return custom_triton_ops_decomposition_disabled()
 
 
+def _kept_whole(name: str, args) -> bool:
+    """Whether the device package of this call keeps the op whole under torch.compile, so that the device's graph
+    compiler (torchair) finds it in the graph and maps it to a native op."""
+    for a in args:
+        if isinstance(a, torch.Tensor):  # all tensor arguments share one device (validated by every op)
+            device_kernels = DEVICE_KERNELS.get(a.device.type)
+            return device_kernels is not None and name in device_kernels.WHOLE_OPS
+    return False
+
+
 def define(schema: str, *, traceable: Optional[Callable[..., bool]] = None) -> Callable[[Callable], CustomOpDef]:
     """Decorator: `@define("name(Tensor x, ...) -> Tensor")` over the op's body.
 
@@ -95,7 +118,11 @@ def define(schema: str, *, traceable: Optional[Callable[..., bool]] = None) -> C
             known = (torch.Tensor, FunctionalTensor, torch._subclasses.FakeTensor)
             if any(not issubclass(t, known) for t in types):
                 return NotImplemented
-            if _decomposition_disabled() or (traceable is not None and not traceable(*args, **kwargs)):
+            if (
+                _decomposition_disabled()
+                or _kept_whole(name, args)
+                or (traceable is not None and not traceable(*args, **kwargs))
+            ):
                 return mode.__torch_dispatch__(func, types, args, kwargs)
             with mode:
                 return fn(*args, **kwargs)

@@ -1,0 +1,15 @@
+"""Target of the `torch_dynamo_backends` entry point `moe_inductor` (pyproject.toml).
+
+Dynamo imports this module when it first resolves `backend="moe_inductor"`, before it traces anything: the one
+moment a named backend can still change how Dynamo traces. Importing it turns on the Dynamo settings the rewrites
+need (see `inductor.py`). Nothing else imports this module.
+"""
+
+import torch
+
+from .inductor import DYNAMO_SETTINGS, backend
+
+for _name, _value in DYNAMO_SETTINGS.items():
+    setattr(torch._dynamo.config, _name, _value)
+
+__all__ = ["backend"]

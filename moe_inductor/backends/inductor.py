@@ -1,0 +1,107 @@
+"""`moe_inductor.enable()` / `disable()` / `enabled()` and the `torch.compile(backend="moe_inductor")` backend.
+
+Both install `moe_inductor.patterns.rewrite_pass()` as Inductor's `pre_grad_custom_pass` (chained after any pass
+already there) and turn on the two Dynamo settings the rewrites need: `capture_dynamic_output_shape_ops` and
+`capture_scalar_outputs`, so that `masked_select`/`nonzero`/`repeat_interleave` land in the graph (where the rewrites
+replace them) instead of breaking it.
+
+Dynamo reads those settings while it traces, before any backend is called, and `torch.compile` gives a backend named
+by string no hook around tracing. So the backend turns them on when Dynamo resolves the name "moe_inductor" (the
+first `torch.compile(..., backend="moe_inductor")` of the process; see `entry_point.py`), and they stay on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+
+_saved: list[dict[str, Any]] = []  # what enable() replaced, for disable()
+
+
+class _Chained(CustomGraphPass):
+    """Runs a pass that was installed before ours, then ours (torch 2.11 takes one callable per hook)."""
+
+    def __init__(self, first: Any, second: CustomGraphPass) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.first(graph)
+        self.second(graph)
+
+    def uuid(self) -> Any:
+        first = self.first.uuid() if hasattr(self.first, "uuid") else None
+        return (first, self.second.uuid())
+
+
+def _with_rewrites(current: Any, rewrites: CustomGraphPass) -> Any:
+    if current is None:
+        return rewrites
+    if isinstance(current, list):  # torch 2.13 accepts a list of passes
+        return [*current, rewrites]
+    return _Chained(current, rewrites)
+
+
+def inductor_settings(only=None) -> dict[str, Any]:
+    """Inductor config entries that install the rewrites (on top of what is configured now)."""
+    from ..patterns import rewrite_pass
+
+    return {"pre_grad_custom_pass": _with_rewrites(torch._inductor.config.pre_grad_custom_pass, rewrite_pass(only))}
+
+
+def enable(only=None) -> None:
+    """Install the rewrites into Inductor for every later `torch.compile` (stock backend included).
+
+    `only` names the rewrites to use (default: all; see `moe_inductor.patterns`). Calls nest with `disable()`.
+    """
+    saved = {"pre_grad_custom_pass": torch._inductor.config.pre_grad_custom_pass}
+    saved.update({name: getattr(torch._dynamo.config, name) for name in DYNAMO_SETTINGS})
+    _saved.append(saved)
+    torch._inductor.config.pre_grad_custom_pass = inductor_settings(only)["pre_grad_custom_pass"]
+    for name, value in DYNAMO_SETTINGS.items():
+        setattr(torch._dynamo.config, name, value)
+
+
+def disable() -> None:
+    """Undo the latest `enable()`."""
+    if not _saved:
+        raise RuntimeError("moe_inductor.disable() without a matching enable()")
+    saved = _saved.pop()
+    torch._inductor.config.pre_grad_custom_pass = saved.pop("pre_grad_custom_pass")
+    for name, value in saved.items():
+        setattr(torch._dynamo.config, name, value)
+
+
+@contextlib.contextmanager
+def enabled(only=None):
+    """`with moe_inductor.enabled(): torch.compile(model)(...)` -- the rewrites for the compiles inside the block."""
+    enable(only)
+    try:
+        yield
+    finally:
+        disable()
+
+
+class MoEInductorBackend:
+    """Inductor with the rewrites installed for this compile only; `mode`/`options` as for the inductor backend."""
+
+    compiler_name = "moe_inductor"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None, options=None):
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+        patches.update(options or {})
+        patches.update(inductor_settings())
+        with torch._inductor.config.patch(patches):
+            return compile_fx(gm, example_inputs)
+
+    def backend_ctx_ctor(self):  # used by torch._dynamo.optimize(backend) (torch.compile drops it)
+        return torch._dynamo.config.patch(DYNAMO_SETTINGS)
+
+
+backend = MoEInductorBackend()
