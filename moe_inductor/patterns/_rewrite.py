@@ -455,5 +455,4 @@ __all__ = [
     "producer",
     "same",
     "static_int",
-    "operator",
 ]

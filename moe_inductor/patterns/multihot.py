@@ -117,8 +117,8 @@ REWRITES = [
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def topk_source(indices) -> Optional[int]:
-    """K when `indices` is the index output of a `topk` over the last dim of a 2-D tensor, else None."""
+def _topk(indices) -> Optional[tuple[Optional[int], Optional[int]]]:
+    """(K, width of the scores) when `indices` is the index output of a `topk` over the last dim of a 2-D tensor."""
     node = node_of(indices)
     if not (producer(node, operator.getitem) and node.args[1] == 1):
         return None
@@ -130,7 +130,13 @@ def topk_source(indices) -> Optional[int]:
     scores = example_value(topk.args[0])
     if scores is None or scores.dim() != 2 or dim not in (-1, 1):
         return None
-    return static_int(k)
+    return static_int(k), static_int(scores.shape[-1])
+
+
+def topk_source(indices) -> Optional[int]:
+    """K when `indices` is the index output of a `topk` over the last dim of a 2-D tensor, else None."""
+    found = _topk(indices)
+    return None if found is None else found[0]
 
 
 def topk_experts_per_row(routing_map) -> Optional[int]:
@@ -140,14 +146,7 @@ def topk_experts_per_row(routing_map) -> Optional[int]:
         node = node.args[0]
     if producer(node, operator.getitem) and node.args[1] == 1:
         multihot = producer(node.args[0], _multihot)
-        if multihot is not None:
-            k = topk_source(multihot.args[0])
-            scores_width = _topk_width(multihot.args[0])
-            if k is not None and scores_width == static_int(multihot.args[2]):
-                return k
+        found = _topk(multihot.args[0]) if multihot is not None else None
+        if found is not None and found[0] is not None and found[1] == static_int(multihot.args[2]):
+            return found[0]
     return None
-
-
-def _topk_width(indices) -> Optional[int]:
-    topk = node_of(indices).args[0]
-    return static_int(example_value(topk.args[0]).shape[-1])
