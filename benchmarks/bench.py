@@ -286,6 +286,19 @@ def run_shape(name, T, E, K, H, device, dtype, ops_wanted, compile_eager, bandwi
     return results
 
 
+def run_meta(device: str) -> dict:
+    """What a results JSON records about the run: GPU, torch and triton versions, date."""
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+    }
+
+
 def print_table(results, bandwidth, meta):
     print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  copy bandwidth {bandwidth / 1e9:.2f} TB/s")
     header = (
@@ -320,15 +333,7 @@ def main(argv=None) -> int:
     unknown = ops_wanted - set(OPS)
     if unknown:
         parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
-    import triton
-
-    meta = {
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": args.device,
-    }
+    meta = run_meta(args.device)
     bandwidth = copy_bandwidth(args.device)
     os.makedirs(args.out, exist_ok=True)
     slug = meta["gpu"].lower().replace(" ", "-") + (f"-{args.tag}" if args.tag else "")

@@ -33,3 +33,17 @@ def test_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch):
     }
     assert all(r["ours_ms"] > 0 and r["floor_ms"] > 0 and r["eager_ms"] > 0 for r in data["results"])
     assert "ratio" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gmm_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch):
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gmm.py")
+    spec = importlib.util.spec_from_file_location("gmm_bench", path)
+    gmm_bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gmm_bench", gmm_bench)
+    spec.loader.exec_module(gmm_bench)
+    assert gmm_bench.main(["--device", "cpu", "--cases", "tiny", "--dtypes", "float32", "--out", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.iterdir()).read_text())
+    assert [(r["case"], r["pass_"]) for r in data["results"]] == [("tiny", "fwd"), ("tiny", "bwd")]
+    assert all(r["ours_ms"] > 0 and r["loop_tflops"] > 0 for r in data["results"])
+    assert "vs loop" in capsys.readouterr().out

@@ -2,7 +2,7 @@
 
 The ops are decomposed into their bodies under torch.compile (ops/_registry.py), so no opaque
 `torch.ops.moe_inductor.*` call may remain in the generated code, except `permute(num_out_tokens=None)` whose row
-count is data-dependent and `gmm` (host loop in the reference), which stay whole on purpose.
+count is data-dependent and `gmm` on CPU (host loop in the reference), which stay whole on purpose.
 """
 
 from __future__ import annotations

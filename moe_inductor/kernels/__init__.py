@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("init_routing", "multihot", "permutation")
+FAMILIES = ("grouped_matmul", "init_routing", "multihot", "permutation")
 
 
 def __getattr__(name: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensor
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 
@@ -20,7 +21,9 @@ def _traced(t: torch.Tensor) -> bool:
 
 def launcher(kernel, like: torch.Tensor):
     """`launcher(kernel, x)[grid](...)`: the kernel, wrapped for tracing when `x` is being traced."""
-    if isinstance(kernel, JITFunction) and _traced(like):
+    # Interpreted kernels (TRITON_INTERPRET=1) are neither, and always launch directly.
+    compiled = isinstance(kernel, JITFunction) or (isinstance(kernel, Autotuner) and isinstance(kernel.fn, JITFunction))
+    if compiled and _traced(like):
         return torch.library.wrap_triton(kernel)
     return kernel
 

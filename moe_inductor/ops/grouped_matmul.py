@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..reference import grouped_matmul as ref
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check, check_same_device, check_shape, check_tensor, on_cpu
-from ._registry import define
+from ._registry import backend, define, use_triton
 
 GroupList = Union[Tensor, Sequence[int]]
 
@@ -77,17 +77,18 @@ def _check_group_values(op: str, group_list: Tensor, bound: int, axis: str, cumu
 
 
 def _define_gmm(name: str, cumulative: bool):
-    # Opaque under torch.compile until the grouped-GEMM kernels land: the reference loops over groups on the host.
+    # Decomposed under torch.compile on CUDA (our Triton kernels, or aten._grouped_mm which Inductor lowers with its
+    # grouped-GEMM template); opaque elsewhere, because the reference reads the group bounds on the host.
     @define(
         f"{name}(Tensor x, Tensor weight, Tensor? bias, Tensor group_list, int group_type) -> Tensor",
-        traceable=lambda *args: False,
+        traceable=lambda x, *rest: use_triton(x),
     )
     def gmm_op(x, weight, bias, group_list, group_type):
         _check_gmm(name, x, weight, bias, group_list, group_type)
         if on_cpu(group_list):
             bound, axis = (x.shape[0], "rows") if group_type == ref.SPLIT_M else (x.shape[1], "columns")
             _check_group_values(name, group_list, bound, axis, cumulative)
-        return ref.gmm(x, weight, bias, group_list, group_type, cumulative)
+        return backend(x).grouped_matmul.gmm(x, weight, bias, group_list, group_type, cumulative)
 
     @gmm_op.register_fake
     def _(x, weight, bias, group_list, group_type):
@@ -112,7 +113,7 @@ def _define_gmm(name: str, cumulative: bool):
             if need_w:
                 grad_w = gmm_op(x.t(), grad, None, group_list, ref.SPLIT_K)
             if need_bias and ctx.bias_dtype is not None:
-                grad_bias = ref.bias_grad(grad, group_list, cumulative, ctx.bias_dtype)
+                grad_bias = backend(grad).grouped_matmul.bias_grad(grad, group_list, cumulative, ctx.bias_dtype)
         else:
             if need_x:
                 grad_x = gmm_op(weight, grad.transpose(1, 2), None, group_list, ref.SPLIT_M).t()

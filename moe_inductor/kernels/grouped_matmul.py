@@ -1,0 +1,564 @@
+"""Triton grouped matmul (gmm / gmm_v2, SPEC §5); the functions of `moe_inductor.reference.grouped_matmul`.
+
+One persistent kernel per group type. `NUM_SMS` programs walk the groups in order, reading each group's bounds from
+`group_list` on the device (cumulative ends, or counts summed as they go: both cost the same), and take every
+`NUM_SMS`-th (group, tile) pair. No tile map is built on the host and nothing is synchronised; a group's tile count
+comes from its size, so empty groups cost one scalar load.
+
+* split M (group_type 0): `y[rows_g] = x[rows_g] @ weight[g] (+ bias[g])`. The rows past the last group form one
+  more "group" whose tiles store zeros, so `y` needs no zero-fill. Within a group, tiles are ordered in bands of
+  `GROUP_M` row tiles so that the programs of one wave share weight columns in L2.
+* split K (group_type 2): `y[g] = x[:, ks_g] @ weight[ks_g, :]`, every group the same `[M, N]` tile grid; an empty
+  group's tiles store zeros.
+
+`weight` may be any strided view (the transposed `[G, N, K]` of the backward included). Group bounds are clamped
+into `x` on the device, so a bad `group_list` (validated on CPU only: checking it on a GPU is a sync) gives wrong
+numbers, never an out-of-bounds access. Row, group and output offsets are int64.
+
+Where `torch._grouped_mm` is faster we call it instead (`_use_torch_grouped_mm`): bf16 on sm90, without bias, for
+split K and for split M with 256+ rows per group, NVIDIA's CUTLASS grouped GEMM (TMA, warp-specialised wgmma) beats
+our pointer-based kernel; with smaller groups ours is faster. It leaves rows past the last group and empty split-K
+groups unwritten, which `_zero_unwritten` zeroes at the cost of a launch. Under torch.compile that call is an
+`aten._grouped_mm` node; under max-autotune Inductor lowers it with its own grouped-GEMM template (timed against
+CUTLASS), and the pointwise ops after it (activation, the zeroing, a scale by probs) fuse into the GEMM's epilogue.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.grouped_matmul import SPLIT_M, bias_grad as _reference_bias_grad, group_ends, group_of_rows
+from ._launch import launcher, next_pow2
+
+__all__ = ["bias_grad", "gmm", "group_ends", "group_of_rows"]
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(fp32: bool) -> list[triton.Config]:
+    if _INTERPRETING:  # small tiles so that CPU tests cross tile and group boundaries
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
+    bk = 32 if fp32 else 64
+    shapes = [
+        # (BLOCK_M, BLOCK_N, stages, warps): big tiles for large groups, 64-row tiles for ~128-row groups
+        (128, 256, 3, 8),
+        (128, 128, 4, 8),
+        (128, 128, 4, 4),
+        (64, 256, 4, 8),
+        (64, 128, 4, 4),
+        (128, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for m, n, s, w in shapes
+    ]
+
+
+def _autotuned(kernel, fp32: bool):
+    # Keyed on the static sizes of a call (N, K and the group count): the shape class. Never on M, which is the
+    # token count and varies from step to step.
+    return triton.autotune(configs=_configs(fp32), key=["N", "K", "G"])(kernel)
+
+
+@triton.jit
+def _i64(i):
+    # A loop index is int32 on the GPU (a Python int in the interpreter): widen it before it scales a stride.
+    return tl.zeros((), dtype=tl.int64) + i
+
+
+@triton.jit
+def _group_end(groups_ptr, g, start, limit, CUMULATIVE: tl.constexpr):
+    """End of group g (clamped into [start, limit]) from cumulative ends or from counts."""
+    if CUMULATIVE:
+        end = tl.load(groups_ptr + g).to(tl.int64)
+    else:
+        end = start + tl.load(groups_ptr + g).to(tl.int64)
+    return tl.minimum(tl.maximum(end, start), limit)
+
+
+@triton.jit
+def _tile_coords(local, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of a group's `local`-th tile: bands of GROUP_M row tiles, column-tile-major inside a
+    band, so that the programs of one wave reuse the same weight columns from L2."""
+    band = local // (GROUP_M * tiles_n)
+    band_rows = tl.minimum(tiles_m - band * GROUP_M, GROUP_M)
+    in_band = local % (GROUP_M * tiles_n)
+    return band * GROUP_M + in_band % band_rows, in_band // band_rows
+
+
+@triton.jit
+def _matmul_tile(
+    a_ptr,
+    b_ptr,
+    rows,
+    cols,
+    k_start,
+    k_end,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    row_ok,
+    col_ok,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """fp32 `a[rows, k_start:k_end] @ b[k_start:k_end, cols]` (rows/cols int64, masked by row_ok/col_ok)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_rows = a_ptr + rows[:, None] * stride_am
+    b_cols = b_ptr + cols[None, :] * stride_bn
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = ks < k_end
+        a = tl.load(a_rows + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_cols + ks[:, None] * stride_bk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+def _split_m_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    groups_ptr,
+    M,
+    N,
+    K,
+    G,
+    stride_xm,
+    stride_xk,
+    stride_wg,
+    stride_wk,
+    stride_wn,
+    stride_bg,
+    stride_bn,
+    stride_ym,
+    stride_yn,
+    CUMULATIVE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tile = tl.program_id(0).to(tl.int64)  # the next (group, tile) pair of this program, in the global order
+    first = tl.zeros((), dtype=tl.int64)  # global index of the current group's first tile
+    start = tl.zeros((), dtype=tl.int64)
+    for g in range(0, G + 1):
+        # Group G is the tail: rows past the last group, stored as zeros.
+        if g < G:
+            end = _group_end(groups_ptr, g, start, M, CUMULATIVE)
+        else:
+            end = tl.zeros((), dtype=tl.int64) + M  # (M may arrive as a constexpr 1)
+        tiles_m = tl.cdiv(end - start, BLOCK_M)
+        count = tiles_m * tiles_n
+        while tile < first + count:
+            tm, tn = _tile_coords(tile - first, tiles_m, tiles_n, GROUP_M)
+            rows = start + tm * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+            cols = tn * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+            row_ok = rows < end
+            col_ok = cols < N
+            if g < G:
+                acc = _matmul_tile(
+                    x_ptr,
+                    w_ptr + _i64(g) * stride_wg,  # G * K * N can pass 2**31
+                    rows,
+                    cols,
+                    0,
+                    K,
+                    stride_xm,
+                    stride_xk,
+                    stride_wk,
+                    stride_wn,
+                    row_ok,
+                    col_ok,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    PRECISION,
+                    UPCAST,
+                )
+                if HAS_BIAS:
+                    b = tl.load(bias_ptr + _i64(g) * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
+                    acc += b.to(tl.float32)[None, :]
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            out = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            tile += NUM_SMS
+        first += count
+        start = end
+
+
+def _split_k_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    groups_ptr,
+    M,
+    N,
+    K,
+    G,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_yg,
+    stride_ym,
+    stride_yn,
+    CUMULATIVE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    count = tl.zeros((), dtype=tl.int64) + tiles_m * tiles_n  # the same [M, N] grid for every group
+    tile = tl.program_id(0).to(tl.int64)
+    first = tl.zeros((), dtype=tl.int64)
+    start = tl.zeros((), dtype=tl.int64)
+    for g in range(0, G):
+        end = _group_end(groups_ptr, g, start, K, CUMULATIVE)
+        while tile < first + count:
+            tm, tn = _tile_coords(tile - first, tiles_m, tiles_n, GROUP_M)
+            rows = tm * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+            cols = tn * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+            row_ok = rows < M
+            col_ok = cols < N
+            # An empty group (start == end) runs no K step and stores zeros.
+            acc = _matmul_tile(
+                x_ptr,
+                w_ptr,
+                rows,
+                cols,
+                start,
+                end,
+                stride_xm,
+                stride_xk,
+                stride_wk,
+                stride_wn,
+                row_ok,
+                col_ok,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                PRECISION,
+                UPCAST,
+            )
+            out = y_ptr + _i64(g) * stride_yg + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            tile += NUM_SMS
+        first += count
+        start = end
+
+
+@functools.cache
+def _kernel(split_m: bool, fp32: bool):
+    fn = triton.jit(_split_m_kernel if split_m else _split_k_kernel)
+    return _autotuned(fn, fp32)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    if _INTERPRETING:
+        return 3  # a few programs, so that every program walks several tiles and groups
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's matmul setting (TF32 only when the user allowed it, as cuBLAS does).
+    if dtype == torch.float32 and not _INTERPRETING and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # Triton's interpreter multiplies bf16 tiles as raw bits (garbage); on CPU tests we multiply their fp32 values.
+    return _INTERPRETING and dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch._grouped_mm for the cases where it is faster
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """torch._grouped_mm's layout rule: each 2-D matrix row- or column-major, leading dim and base 16-byte aligned."""
+    last2 = t.stride()[-2:]
+    rows, cols = t.shape[-2:]
+    item = t.element_size()
+    if last2[1] == 1:
+        lead = last2[0]
+    elif last2[0] == 1:
+        lead = last2[1]
+    else:
+        return False
+    return (lead * item) % 16 == 0 and (t.data_ptr() % 16 == 0 if not _is_traced(t) else True) and rows * cols > 0
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    from ._launch import _traced
+
+    return _traced(t)
+
+
+#: Below this many rows per group (on average, split M), our kernel beats torch._grouped_mm on the H200: at ~128 rows
+#: (DeepSeek-V3, 4k tokens) 353 vs 295 TFLOP/s, at decode sizes 10 vs 7; at 512+ rows it is the other way round
+#: (489 vs 588). benchmarks/results/gmm-nvidia-h200.json.
+SMALL_GROUP_ROWS = 256
+
+
+def _use_torch_grouped_mm(x, weight, bias, group_type: int) -> bool:
+    """bf16 on sm90 without bias, split K or split M with large groups: there NVIDIA's CUTLASS grouped GEMM (TMA +
+    warp-specialised wgmma, what torch._grouped_mm runs) is faster than our pointer-based Triton kernel. It supports
+    neither bias nor other dtypes at speed (they fall back to a per-group loop)."""
+    if _INTERPRETING or os.environ.get("MOE_INDUCTOR_GMM", "") == "triton":
+        return False
+    if x.dtype != torch.bfloat16 or bias is not None or not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        return False
+    # Under max-autotune Inductor times its own template against CUTLASS and can fuse epilogues: let it choose.
+    autotuned = _is_traced(x) and _fusing_epilogues()
+    if group_type == SPLIT_M and not autotuned and x.shape[0] < SMALL_GROUP_ROWS * weight.shape[0]:
+        return False
+    return _aligned(x) and _aligned(weight)
+
+
+@triton.jit
+def _zero_unwritten_kernel(
+    y_ptr,
+    ends_ptr,
+    G,
+    ROWS,
+    COLS,
+    stride_yg,
+    stride_yr,
+    stride_yc,
+    SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Zero what torch._grouped_mm leaves unwritten: split M, the rows past the last group end (grid: row blocks);
+    split K, the `[M, N]` matrix of every empty group (grid: row blocks x groups). Programs with nothing to zero
+    run no store, so the cost is the launch, not a pass over `y`."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if SPLIT_K:
+        g = tl.program_id(1)
+        end = tl.load(ends_ptr + g).to(tl.int64)
+        start = tl.load(ends_ptr + g - 1, mask=g > 0, other=0).to(tl.int64)
+        todo = end <= start
+        base = y_ptr + g.to(tl.int64) * stride_yg
+        mask_r = rows < ROWS
+    else:
+        end = tl.load(ends_ptr + G - 1).to(tl.int64)
+        todo = tl.program_id(0).to(tl.int64) * BLOCK_R + BLOCK_R > end
+        base = y_ptr
+        mask_r = (rows >= end) & (rows < ROWS)
+    col_end = tl.where(todo, COLS, 0)
+    for c0 in range(0, col_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        out = base + rows[:, None] * stride_yr + cols[None, :] * stride_yc
+        zeros = tl.zeros((BLOCK_R, BLOCK_C), dtype=y_ptr.dtype.element_ty)
+        tl.store(out, zeros, mask=mask_r[:, None] & (cols < COLS)[None, :])
+
+
+def _fusing_epilogues() -> bool:
+    """Whether Inductor may pick its grouped-GEMM template (max-autotune), which fuses pointwise epilogues."""
+    from torch._inductor import config
+
+    return bool(config.max_autotune or config.max_autotune_gemm)
+
+
+def _zero_unwritten(y: torch.Tensor, ends: torch.Tensor, split_k: bool) -> torch.Tensor:
+    if _is_traced(y) and _fusing_epilogues():
+        # A pointwise select, which Inductor's template computes in the GEMM's epilogue with what follows it.
+        zero = torch.zeros((), dtype=y.dtype, device=y.device)
+        if split_k:
+            empty = torch.diff(ends, prepend=ends.new_zeros(1)) <= 0
+            return torch.where(empty.view(-1, 1, 1), zero, y)
+        rows = torch.arange(y.shape[0], device=y.device).unsqueeze(-1)
+        return torch.where(rows < ends[-1], y, zero)
+    rows, cols = y.shape[-2:]
+    block_r = 32
+    grid = (triton.cdiv(rows, block_r), ends.shape[0] if split_k else 1)
+    launcher(_zero_unwritten_kernel, y)[grid](
+        y,
+        ends,
+        ends.shape[0],
+        rows,
+        cols,
+        y.stride(0) if split_k else 0,
+        y.stride(-2),
+        y.stride(-1),
+        SPLIT_K=split_k,
+        BLOCK_R=block_r,
+        BLOCK_C=256,
+    )
+    return y
+
+
+def _torch_grouped_mm(x, weight, group_list, group_type: int, cumulative: bool) -> torch.Tensor:
+    ends = group_list if cumulative else group_list.cumsum(0)
+    y = torch._grouped_mm(x, weight, offs=ends.to(torch.int32))
+    return _zero_unwritten(y, ends, split_k=group_type != SPLIT_M)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The family's functions
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def gmm(x, weight, bias, group_list, group_type: int, cumulative: bool) -> torch.Tensor:
+    M, K = x.shape
+    G = group_list.shape[0]
+    if group_type == SPLIT_M:
+        N = weight.shape[2]
+        if M > 0 and N > 0 and K > 0 and _use_torch_grouped_mm(x, weight, bias, SPLIT_M):
+            return _torch_grouped_mm(x, weight, group_list, group_type, cumulative)
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        if M == 0 or N == 0:
+            return y
+        b = bias if bias is not None else y  # never read without HAS_BIAS
+        launcher(_kernel(True, x.dtype == torch.float32), x)[(_num_sms(x.device.index or 0),)](
+            x,
+            weight,
+            b,
+            y,
+            group_list,
+            M,
+            N,
+            K,
+            G,
+            x.stride(0),
+            x.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            weight.stride(2),
+            b.stride(0) if bias is not None else 0,
+            b.stride(1) if bias is not None else 0,
+            y.stride(0),
+            y.stride(1),
+            CUMULATIVE=cumulative,
+            HAS_BIAS=bias is not None,
+            PRECISION=_precision(x.dtype),
+            UPCAST=_upcast(x.dtype),
+            NUM_SMS=_num_sms(x.device.index or 0),
+        )
+        return y
+    N = weight.shape[1]
+    if M > 0 and N > 0 and K > 0 and _use_torch_grouped_mm(x, weight, None, group_type):
+        return _torch_grouped_mm(x, weight, group_list, group_type, cumulative)
+    y = torch.empty((G, M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    launcher(_kernel(False, x.dtype == torch.float32), x)[(_num_sms(x.device.index or 0),)](
+        x,
+        weight,
+        y,
+        group_list,
+        M,
+        N,
+        K,
+        G,
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        CUMULATIVE=cumulative,
+        PRECISION=_precision(x.dtype),
+        UPCAST=_upcast(x.dtype),
+        NUM_SMS=_num_sms(x.device.index or 0),
+    )
+    return y
+
+
+@triton.jit
+def _bias_grad_kernel(
+    dy_ptr,
+    db_ptr,
+    groups_ptr,
+    M,
+    N,
+    G,
+    stride_dm,
+    stride_dn,
+    CUMULATIVE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """`db[g, cols] = sum of dy over the rows of group g`: one program per (group, column block), fp32 sums."""
+    g = tl.program_id(0)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    gs = tl.arange(0, BLOCK_G)
+    values = tl.load(groups_ptr + gs, mask=gs < G, other=0).to(tl.int64)
+    if CUMULATIVE:
+        start = tl.sum(tl.where(gs == g - 1, values, 0))
+        end = tl.sum(tl.where(gs == g, values, 0))
+    else:
+        start = tl.sum(tl.where(gs < g, values, 0))
+        end = start + tl.sum(tl.where(gs == g, values, 0))
+    start = tl.minimum(tl.maximum(start, 0), M)
+    end = tl.minimum(tl.maximum(end, start), M)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        tile = tl.load(
+            dy_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
+            mask=(rows < end)[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    tl.store(db_ptr + g.to(tl.int64) * N + cols, acc.to(db_ptr.dtype.element_ty), mask=col_ok)
+
+
+def bias_grad(grad_out: torch.Tensor, group_list: torch.Tensor, cumulative: bool, bias_dtype) -> torch.Tensor:
+    """`dbias[g] = sum of grad_out over the rows of group g` without atomics (deterministic)."""
+    M, N = grad_out.shape
+    G = group_list.shape[0]
+    if G > 4096:  # one program loads all G bounds; past this, the reference (searchsorted + scatter) is cheaper
+        return _reference_bias_grad(grad_out, group_list, cumulative, bias_dtype)
+    db = torch.empty((G, N), dtype=bias_dtype, device=grad_out.device)
+    if N == 0:
+        return db
+    block_n = min(next_pow2(N), 128)
+    launcher(_bias_grad_kernel, grad_out)[(G, triton.cdiv(N, block_n))](
+        grad_out,
+        db,
+        group_list,
+        M,
+        N,
+        G,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        CUMULATIVE=cumulative,
+        BLOCK_G=next_pow2(G),
+        BLOCK_M=32,
+        BLOCK_N=block_n,
+    )
+    return db
