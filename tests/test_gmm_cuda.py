@@ -191,3 +191,11 @@ def test_max_autotune_fuses_the_epilogue_into_the_grouped_gemm():
     kernels = [line for line in code.splitlines() if line.startswith("def triton_")]
     assert any(k.startswith("def triton_tem_fused") and "mul" in k for k in kernels), kernels
     assert not any(k.startswith("def triton_poi") and "mul" in k for k in kernels), kernels
+
+
+def test_gradcheck_float64():
+    counts = torch.tensor([3, 0, 4, 1], device="cuda")
+    x = torch.randn(9, 5, device="cuda", dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 6, device="cuda", dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, 6, device="cuda", dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.gmm_v2(a, b, bias=c, group_list=counts), (x, w, bias))
