@@ -19,8 +19,9 @@ from rewrites import compile_and_compare, rewritten_graph
 TOPK = 2
 
 
-def moe_layer(x, logits, w1, w2):
+def moe_layer(x, w_router, w1, w2):
     """Router top-k, Megatron's multihot, permute (masked_select), two expert matmuls, unpermute (scatter_add)."""
+    logits = x @ w_router
     probs, top_indices = torch.topk(torch.softmax(logits, dim=-1), TOPK, dim=-1)
     routing_map = torch.zeros_like(logits).int().scatter(1, top_indices, 1).bool()
     routing_probs = torch.zeros_like(logits).scatter(1, top_indices, probs)
@@ -33,7 +34,7 @@ def layer_inputs(tokens=37, experts=6, hidden=12, ffn=20, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (
         torch.randn(tokens, hidden, generator=g),
-        torch.randn(tokens, experts, generator=g),
+        torch.randn(hidden, experts, generator=g),
         torch.randn(hidden, ffn, generator=g) / hidden**0.5,
         torch.randn(ffn, hidden, generator=g) / ffn**0.5,
     )
@@ -68,17 +69,45 @@ def test_layer_compiles_with_backend_equal_to_eager_fwd_and_bwd():
 
 
 @pytest.mark.slow
-def test_no_graph_break_and_no_host_sync_in_generated_code():
+@pytest.mark.parametrize("dynamic_tokens", [False, True], ids=["static", "dynamic_tokens"])
+def test_no_graph_break_and_no_host_sync_in_generated_code(dynamic_tokens):
     from torch._inductor.utils import fresh_cache, run_and_get_code
 
+    inputs = layer_inputs()
+    if dynamic_tokens:
+        torch._dynamo.maybe_mark_dynamic(inputs[0], 0)
     torch._dynamo.reset()
     with fresh_cache():
-        _, code = run_and_get_code(torch.compile(moe_layer, backend="moe_inductor"), *layer_inputs())
+        _, code = run_and_get_code(torch.compile(moe_layer, backend="moe_inductor"), *inputs)
     text = "\n".join(code)
     for sync in ("masked_select", "nonzero", "_local_scalar_dense", ".item()"):
         assert sync not in text, sync
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
         assert torch._dynamo.explain(moe_layer)(*layer_inputs()).graph_break_count == 0
+
+
+@pytest.mark.slow
+def test_dynamic_token_count_keeps_static_rows():
+    """With the token dim dynamic the permute still has T*K rows (symbolic, not data-dependent)."""
+    code = rewritten_graph(moe_layer, *layer_inputs(), dynamic_rows=(0,))
+    FileCheck().check("moe_inductor.permute.default(").check("False)").run(code)
+    assert "None, False)" not in code and "masked_select" not in code
+    assert compile_and_compare(moe_layer, *layer_inputs(), dynamic_rows=(0,)) == EXPECTED
+
+
+@pytest.mark.slow
+def test_dynamic_true_specializes_the_expert_count_once():
+    """dynamic=True also makes E symbolic; the multihot op takes an int, so E is specialized with a guard and T
+    stays dynamic: three token counts, one graph, every rewrite applied."""
+    from torch._dynamo.utils import counters
+
+    assert compile_and_compare(moe_layer, *layer_inputs(), dynamic=True) == EXPECTED
+    compiled = torch.compile(moe_layer, backend="moe_inductor", dynamic=True)
+    torch._dynamo.reset()
+    counters.clear()
+    for tokens in (37, 41, 50):
+        compiled(*layer_inputs(tokens))
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_stock_compile_keeps_the_sync_without_our_passes():

@@ -80,6 +80,24 @@ _DTYPE_METHODS = {
     Tensor.double: torch.float64,
 }
 
+# Arguments users pass by position or by name, as (positional names, keyword defaults). Canonical form: the
+# positional names by position (a tuple lists a name's aliases), everything else by keyword with defaults filled in.
+_SIGNATURES = {
+    Tensor.argsort: ((), {"dim": -1, "descending": False, "stable": False}),
+    Tensor.sort: ((), {"dim": -1, "descending": False, "stable": False}),
+    Tensor.bincount: ((), {"weights": None, "minlength": 0}),
+    Tensor.histc: ((), {"bins": 100, "min": 0, "max": 0}),
+    Tensor.topk: (("k",), {"dim": -1, "largest": True, "sorted": True}),
+    Tensor.cumsum: (("dim",), {}),
+    Tensor.sum: (("dim",), {}),
+    Tensor.gather: (("dim", "index"), {}),
+    Tensor.index_select: (("dim", "index"), {}),
+    Tensor.scatter: (("dim", "index", ("src", "value")), {}),
+    Tensor.scatter_add: (("dim", "index", "src"), {}),
+    Tensor.index_add: (("dim", "index", "source"), {}),
+    torch._C._nn.one_hot: (("num_classes",), {}),
+}
+
 # In-place ops that `canonicalize` turns functional when they write a fresh buffer nobody else can see.
 _INPLACE_TO_FUNCTIONAL = {
     Tensor.scatter_add_: Tensor.scatter_add,
@@ -123,27 +141,74 @@ def canonicalize(graph: fx.Graph, *, assume_2d: bool = False) -> None:
             continue
         if node.target in _FUNCTION_TO_METHOD:
             node.target = _FUNCTION_TO_METHOD[node.target]
+        if node.target in (torch.floor_divide, Tensor.floor_divide) or (
+            node.target in (torch.div, Tensor.div) and node.kwargs == {"rounding_mode": "floor"}
+        ):
+            _set_target(node, operator.floordiv, node.args[:2])  # `a // b` is floor_divide on tensors
         if node.target in _DTYPE_METHODS and len(node.args) == 1 and not node.kwargs:
             _set_target(node, Tensor.to, (node.args[0], _DTYPE_METHODS[node.target]))
         elif node.target is Tensor.to and len(node.args) == 1 and set(node.kwargs) == {"dtype"}:
             _set_target(node, Tensor.to, (node.args[0], node.kwargs["dtype"]))
         elif node.target is Tensor.view and all(isinstance(a, (int, fx.Node)) for a in node.args[1:]):
             node.target = Tensor.reshape  # same values wherever the view was legal
+        elif node.target is Tensor.flatten and len(node.args) == 1 and not node.kwargs:
+            _set_target(node, Tensor.reshape, (node.args[0], -1))
         elif node.target is operator.getitem and _is_row_index(node.args[1], assume_2d):
             _set_target(node, Tensor.index_select, (node.args[0], 0, node.args[1]))
         elif node.target is operator.getitem and node.args[1] == (Ellipsis, None):
             _set_target(node, Tensor.unsqueeze, (node.args[0], -1))
         elif node.target is operator.getitem and _leading_slice(node.args[1]) is not None:
             dim, stop = _leading_slice(node.args[1])
-            _set_target(node, Tensor.narrow, (node.args[0], dim, 0, stop))
+            # A slice past the end is clamped, narrow would raise: only a cut that provably keeps `stop` entries.
+            if assume_2d or _keeps(node, dim, stop):
+                _set_target(node, Tensor.narrow, (node.args[0], dim, 0, stop))
         elif node.target is getattr and node.args[1:] == ("T",):
             if assume_2d or _ndim(node.args[0]) == 2:
                 _set_target(node, Tensor.t, (node.args[0],))
         elif node.target is Tensor.transpose and node.args[1:] in ((0, 1), (1, 0), (-1, -2), (-2, -1)):
             if assume_2d or _ndim(node.args[0]) == 2:
                 _set_target(node, Tensor.t, (node.args[0],))
+        if node.target in (Tensor.reshape, Tensor.view) and node.args[1:] in ((-1, 1), ((-1, 1),)):
+            if _ndim(node.args[0]) == 1:
+                _set_target(node, Tensor.unsqueeze, (node.args[0], 1))  # a column of a 1-D tensor
     _drop_size_asserts(graph)
     _functionalize_fresh_buffers(graph)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _SIGNATURES:
+            _normalize_arguments(node, assume_2d)
+        if node.op == "call_function" and node.kwargs:
+            node.kwargs = dict(sorted(node.kwargs.items()))  # patterns compare keyword order too
+    _sort_indices_to_argsort(graph)
+
+
+def _normalize_arguments(node: fx.Node, search: bool) -> None:
+    """Rewrite a call of `_SIGNATURES` into its canonical argument form (see there); unknown keywords stay."""
+    positional, defaults = _SIGNATURES[node.target]
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for i, names in enumerate(positional, start=1):
+        names = names if isinstance(names, tuple) else (names,)
+        found = [n for n in names if n in kwargs]
+        if len(args) == i and found:
+            args.append(kwargs.pop(found[0]))
+    extra, args = args[1 + len(positional) :], args[: 1 + len(positional)]
+    for name, value in zip(defaults, extra, strict=False):
+        kwargs[name] = value
+    kwargs = {**defaults, **kwargs}
+    if "dim" in defaults and isinstance(kwargs["dim"], int) and kwargs["dim"] >= 0 and not search:
+        if _ndim(node.args[0]) == kwargs["dim"] + 1:
+            kwargs["dim"] = -1  # the last dim, spelled as search functions spell it
+    node.args, node.kwargs = tuple(args), kwargs
+
+
+def _sort_indices_to_argsort(graph: fx.Graph) -> None:
+    """`x.sort(...)[1]` with the values unused is `x.argsort(...)`."""
+    for node in list(graph.find_nodes(op="call_function", target=Tensor.sort)):
+        users = list(node.users)
+        if users and all(u.target is operator.getitem and u.args[1] == 1 for u in users):
+            node.target = Tensor.argsort
+            for user in users:
+                user.replace_all_uses_with(node)
+                graph.erase_node(user)
 
 
 _SIZE_ARITHMETIC = {operator.ge, operator.le, operator.gt, operator.lt, operator.eq, operator.ne, operator.and_}
@@ -174,6 +239,17 @@ def _leading_slice(index: Any) -> Optional[tuple[int, Any]]:
     if isinstance(index, slice) and index.start is None and index.step is None and index.stop is not None:
         return dim, index.stop
     return None
+
+
+def _keeps(node: fx.Node, dim: int, stop: Any) -> bool:
+    """Whether the slice `node` provably kept `stop` entries of `dim` (Dynamo recorded its result's shape)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor) or value.dim() <= dim:
+        return False
+    stop = example_value(stop) if isinstance(stop, fx.Node) else stop
+    return isinstance(stop, (int, torch.SymInt)) and statically_known_true(value.shape[dim] == stop)
 
 
 def _drop_size_asserts(graph: fx.Graph) -> None:
@@ -346,7 +422,7 @@ def _apply(rewrite: Rewrite, match: Match, graph: fx.Graph, node: fx.Node) -> No
             old.replace_all_uses_with(new.node if isinstance(new, fx.Proxy) else new)
     match.erase_nodes()
     stable_topological_sort(graph)
-    _record_values(graph, new_nodes, [n for n in graph.nodes if n.op == "placeholder"])
+    record_values(graph, new_nodes)
     counters[COUNTER][rewrite.name] += 1
     log.info("moe_inductor rewrite %s at %s", rewrite.name, node.name)
     torch._logging.trace_structured(
@@ -356,13 +432,18 @@ def _apply(rewrite: Rewrite, match: Match, graph: fx.Graph, node: fx.Node) -> No
     )
 
 
-def _record_values(graph: fx.Graph, new_nodes: Sequence[fx.Node], old_nodes: Sequence[fx.Node]) -> None:
-    """Give the replacement's nodes, and everything downstream of them, fresh fake values.
+def record_values(graph: fx.Graph, new_nodes: Sequence[fx.Node]) -> None:
+    """Give `new_nodes` (a replacement's nodes), and everything downstream of them, fresh fake values.
 
     Later checks read shapes from them; a permute that lost its data-dependent size changes every shape after it.
     """
+    placeholders = graph.find_nodes(op="placeholder")
     fake_mode = next(
-        (v.fake_mode for n in old_nodes if isinstance(v := example_value(n), torch.Tensor) and hasattr(v, "fake_mode")),
+        (
+            v.fake_mode
+            for n in placeholders
+            if isinstance(v := example_value(n), torch.Tensor) and hasattr(v, "fake_mode")
+        ),
         None,
     )
     if fake_mode is None:
@@ -436,13 +517,35 @@ def static_int(value: Any) -> Optional[int]:
 
 
 def same(*values: Any) -> bool:
-    """Whether sizes (ints, SymInts, or nodes recording them) are provably equal, without adding guards."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    """Whether sizes (ints, SymInts, or nodes recording them) are equal in every run of this graph.
+
+    Provably equal sizes pass as they are. Two different backed symbols (token dims of two inputs that Dynamo made
+    dynamic separately) pass when they are equal now, with a guard that makes Dynamo recompile for inputs where
+    they differ (the eager code needs them equal anyway). Data-dependent sizes pass only when provably equal.
+    Call it last in a check: a guard stays even when a later condition refuses the rewrite.
+    """
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
 
     resolved = [example_value(v) if isinstance(v, fx.Node) else v for v in values]
     if any(v is None for v in resolved):
         return False
-    return all(statically_known_true(a == b) for a, b in zip(resolved, resolved[1:], strict=False))
+    return all(guard_or_false(a == b) for a, b in zip(resolved, resolved[1:], strict=False))
+
+
+def specialize(value: Any) -> Optional[int]:
+    """A Python int for a size that an op takes as `int` (the number of experts): plain ints as they are, a backed
+    symbol (`dynamic=True` makes every dim symbolic) specialized to its current value with a guard, so that a
+    different value recompiles. None for data-dependent sizes. A dim marked with strict `torch._dynamo.mark_dynamic`
+    cannot be specialized (Dynamo then reports a constraint violation); use `maybe_mark_dynamic` for such dims.
+    """
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_int
+
+    value = example_value(value) if isinstance(value, fx.Node) else value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt) and not free_unbacked_symbols(value):
+        return guard_int(value)
+    return None
 
 
 __all__ = [
@@ -453,6 +556,8 @@ __all__ = [
     "example_value",
     "node_of",
     "producer",
+    "record_values",
     "same",
+    "specialize",
     "static_int",
 ]

@@ -36,11 +36,14 @@ class RewritePass(CustomGraphPass):
         return [n for n in names if self.only is None or n in self.only]
 
     def __call__(self, graph: fx.Graph) -> None:
-        canonicalize(graph)
-        for node in graph.nodes:  # regions Inductor's earlier passes computed are stale once writes are functional
-            node.meta.pop("mutation_region_id", None)
-        for matcher in _matchers(self.only):
+        for family, matcher in _matchers(self.only):
+            # Again before each family: replacements are built with Proxies (`x.unsqueeze(1)` call_method nodes).
+            canonicalize(graph)
+            for node in graph.nodes:  # mutation regions computed earlier are stale once writes are functional
+                node.meta.pop("mutation_region_id", None)
             matcher.apply(graph)
+            if hasattr(family, "finish"):  # a family's clean-up over its own rewrites (see init_routing)
+                family.finish(graph)
         graph.lint()
         if graph.owning_module is not None:
             graph.owning_module.recompile()
@@ -74,7 +77,7 @@ def _matchers(only: Optional[frozenset]):
     for family in FAMILIES:
         rewrites = [r for r in family.REWRITES if only is None or r.name in only]
         if rewrites:
-            matchers.append(build_pass(rewrites, f"moe_inductor_{family.__name__.rsplit('.', 1)[-1]}"))
+            matchers.append((family, build_pass(rewrites, f"moe_inductor_{family.__name__.rsplit('.', 1)[-1]}")))
     return tuple(matchers)
 
 

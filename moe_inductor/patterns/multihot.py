@@ -7,12 +7,12 @@ exactly K experts per token (then a permute of it has the static size T*K and ne
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._rewrite import Rewrite, example_value, node_of, producer, same, setitem, static_int
+from ._rewrite import Rewrite, example_value, node_of, producer, same, setitem, specialize, static_int
 
 Tensor = torch.Tensor
 _multihot = torch.ops.moe_inductor.indices_to_multihot.default
@@ -28,8 +28,9 @@ def _int_scatter_map(logits, indices):
     return torch.zeros_like(logits).int().scatter(1, indices, 1).bool()
 
 
-def _width(logits) -> int:
-    return static_int(example_value(node_of(logits)).shape[1])
+def _width(logits) -> Optional[int]:
+    # The op takes the number of experts as an int: under dynamic=True it is specialized (guarded), see `specialize`.
+    return specialize(example_value(node_of(logits)).shape[1])
 
 
 def _int_scatter_map_replace(match, logits, indices):
@@ -56,7 +57,7 @@ def _one_hot_sum(indices, num_experts):
 
 
 def _one_hot_sum_replace(match, indices, num_experts):
-    return _routing(indices, num_experts)[1].to(torch.int64)
+    return _routing(indices, specialize(node_of(num_experts)))[1].to(torch.int64)
 
 
 # Megatron's flex dispatcher `_indices_to_multihot`: ids of -1 (experts of other ranks) are skipped.
@@ -73,34 +74,35 @@ def _masked_assignment(indices, probs, shape, num_tokens, device):
 
 
 def _masked_assignment_replace(match, indices, probs, shape, num_tokens, device):
-    probs_map, routing_map = _multihot(indices, probs.to(torch.float32), shape[1])
+    probs_map, routing_map = _multihot(indices, probs.to(torch.float32), specialize(_shape(shape)[1]))
     return routing_map, probs_map
+
+
+def _shape(shape):
+    """A captured shape: a literal tuple, or a node (`x.size()` under dynamic shapes)."""
+    return example_value(node_of(shape)) if isinstance(node_of(shape), torch.fx.Node) else shape
 
 
 def _scatter_check(match, logits, indices, probs=None):
     scores, ids = example_value(node_of(logits)), example_value(node_of(indices))
-    ok = (
-        scores.dim() == 2
-        and _width(logits) is not None
-        and ids.dim() == 2
-        and ids.dtype == torch.int64
-        and ids.shape[0] == scores.shape[0]
-    )
+    ok = scores.dim() == 2 and ids.dim() == 2 and ids.dtype == torch.int64
     if probs is not None:
-        ok = ok and same(example_value(probs).shape[0], ids.shape[0]) and example_value(probs).dtype == scores.dtype
-    # scatter with repeated ids keeps an arbitrary one of the probs; only ids from a top-k are distinct.
-    return ok and (probs is None or topk_source(indices) is not None)
+        # scatter with repeated ids keeps an arbitrary one of the probs; only ids from a top-k are distinct.
+        ok = ok and example_value(probs).dtype == scores.dtype and topk_source(indices) is not None
+        ok = ok and same(example_value(probs).shape[0], ids.shape[0])
+    return ok and same(ids.shape[0], scores.shape[0]) and _width(logits) is not None
 
 
 def _one_hot_check(match, indices, num_experts):
-    ids = example_value(indices)
-    return ids.dim() == 2 and static_int(num_experts) is not None and topk_source(indices) is not None
+    ids, found = example_value(indices), topk_shape(indices)
+    # one_hot raises for an id >= num_classes where the op would skip it: the ids must be below num_classes.
+    return ids.dim() == 2 and found is not None and specialize(num_experts) >= specialize(found[1])
 
 
 def _masked_assignment_check(match, indices, probs, shape, num_tokens, device):
-    ids, p = example_value(indices), example_value(probs)
-    ok = ids.dim() == 2 and same(p.shape[0], ids.shape[0], shape[0]) and len(shape) == 2
-    return ok and static_int(shape[1]) is not None
+    ids, p, shape = example_value(indices), example_value(probs), _shape(shape)
+    ok = ids.dim() == 2 and p.dim() == 2 and len(shape) == 2
+    return ok and same(p.shape[0], ids.shape[0], shape[0], num_tokens) and specialize(shape[1]) is not None
 
 
 REWRITES = [
@@ -117,8 +119,12 @@ REWRITES = [
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _topk(indices) -> Optional[tuple[Optional[int], Optional[int]]]:
-    """(K, width of the scores) when `indices` is the index output of a `topk` over the last dim of a 2-D tensor."""
+def topk_shape(indices) -> Optional[tuple[Optional[int], Any]]:
+    """(K, width E of the scores) when `indices` is the index output of a `topk` over the last dim of a 2-D tensor.
+
+    K is an int or None (symbolic); E as recorded (a SymInt under dynamic=True: `specialize` it where an int is due).
+    Such ids are distinct within a row and lie in `[0, E)`.
+    """
     node = node_of(indices)
     if not (producer(node, operator.getitem) and node.args[1] == 1):
         return None
@@ -130,12 +136,12 @@ def _topk(indices) -> Optional[tuple[Optional[int], Optional[int]]]:
     scores = example_value(topk.args[0])
     if scores is None or scores.dim() != 2 or dim not in (-1, 1):
         return None
-    return static_int(k), static_int(scores.shape[-1])
+    return static_int(k), scores.shape[-1]
 
 
 def topk_source(indices) -> Optional[int]:
     """K when `indices` is the index output of a `topk` over the last dim of a 2-D tensor, else None."""
-    found = _topk(indices)
+    found = topk_shape(indices)
     return None if found is None else found[0]
 
 
@@ -146,7 +152,7 @@ def topk_experts_per_row(routing_map) -> Optional[int]:
         node = node.args[0]
     if producer(node, operator.getitem) and node.args[1] == 1:
         multihot = producer(node.args[0], _multihot)
-        found = _topk(multihot.args[0]) if multihot is not None else None
-        if found is not None and found[0] is not None and found[1] == static_int(multihot.args[2]):
+        found = topk_shape(multihot.args[0]) if multihot is not None else None
+        if found is not None and found[0] is not None and specialize(found[1]) == static_int(multihot.args[2]):
             return found[0]
     return None
