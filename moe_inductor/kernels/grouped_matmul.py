@@ -35,6 +35,7 @@ import triton.language as tl
 from ..reference.grouped_matmul import SPLIT_M, group_ends, group_of_rows
 from ..reference.grouped_matmul import bias_grad as _reference_bias_grad
 from ..reference.grouped_matmul import gmm as _reference_gmm
+from ._launch import _traced as _is_traced
 from ._launch import launcher, next_pow2
 
 __all__ = ["bias_grad", "gmm", "group_ends", "group_of_rows"]
@@ -307,7 +308,6 @@ def _upcast(dtype: torch.dtype) -> bool:
 def _aligned(t: torch.Tensor) -> bool:
     """torch._grouped_mm's layout rule: each 2-D matrix row- or column-major, leading dim and base 16-byte aligned."""
     last2 = t.stride()[-2:]
-    rows, cols = t.shape[-2:]
     item = t.element_size()
     if last2[1] == 1:
         lead = last2[0]
@@ -315,13 +315,8 @@ def _aligned(t: torch.Tensor) -> bool:
         lead = last2[1]
     else:
         return False
-    return (lead * item) % 16 == 0 and (t.data_ptr() % 16 == 0 if not _is_traced(t) else True) and rows * cols > 0
-
-
-def _is_traced(t: torch.Tensor) -> bool:
-    from ._launch import _traced
-
-    return _traced(t)
+    # A traced tensor has no address yet; Inductor allocates 16-byte aligned buffers.
+    return (lead * item) % 16 == 0 and (_is_traced(t) or t.data_ptr() % 16 == 0)
 
 
 #: Below this many rows per group (on average, split M), our kernel beats torch._grouped_mm on the H200: at ~128 rows
@@ -437,15 +432,19 @@ def gmm(x, weight, bias, group_list, group_type: int, cumulative: bool) -> torch
         return _reference_gmm(x, weight, bias, group_list, group_type, cumulative)
     M, K = x.shape
     G = group_list.shape[0]
+    N = weight.shape[-1]
+    if M > 0 and N > 0 and K > 0 and _use_torch_grouped_mm(x, weight, bias, group_type):
+        return _torch_grouped_mm(x, weight, group_list, group_type, cumulative)
+    shape = (M, N) if group_type == SPLIT_M else (G, M, N)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    num_sms = _num_sms(x.device.index or 0)
+    kernel = launcher(_kernel(group_type == SPLIT_M, x.dtype == torch.float32), x)[(num_sms,)]
+    common = dict(CUMULATIVE=cumulative, PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype), NUM_SMS=num_sms)
     if group_type == SPLIT_M:
-        N = weight.shape[2]
-        if M > 0 and N > 0 and K > 0 and _use_torch_grouped_mm(x, weight, bias, SPLIT_M):
-            return _torch_grouped_mm(x, weight, group_list, group_type, cumulative)
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        if M == 0 or N == 0:
-            return y
         b = bias if bias is not None else y  # never read without HAS_BIAS
-        launcher(_kernel(True, x.dtype == torch.float32), x)[(_num_sms(x.device.index or 0),)](
+        kernel(
             x,
             weight,
             b,
@@ -464,40 +463,28 @@ def gmm(x, weight, bias, group_list, group_type: int, cumulative: bool) -> torch
             b.stride(1) if bias is not None else 0,
             y.stride(0),
             y.stride(1),
-            CUMULATIVE=cumulative,
             HAS_BIAS=bias is not None,
-            PRECISION=_precision(x.dtype),
-            UPCAST=_upcast(x.dtype),
-            NUM_SMS=_num_sms(x.device.index or 0),
+            **common,
         )
-        return y
-    N = weight.shape[1]
-    if M > 0 and N > 0 and K > 0 and _use_torch_grouped_mm(x, weight, None, group_type):
-        return _torch_grouped_mm(x, weight, group_list, group_type, cumulative)
-    y = torch.empty((G, M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y
-    launcher(_kernel(False, x.dtype == torch.float32), x)[(_num_sms(x.device.index or 0),)](
-        x,
-        weight,
-        y,
-        group_list,
-        M,
-        N,
-        K,
-        G,
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        y.stride(0),
-        y.stride(1),
-        y.stride(2),
-        CUMULATIVE=cumulative,
-        PRECISION=_precision(x.dtype),
-        UPCAST=_upcast(x.dtype),
-        NUM_SMS=_num_sms(x.device.index or 0),
-    )
+    else:
+        kernel(
+            x,
+            weight,
+            y,
+            group_list,
+            M,
+            N,
+            K,
+            G,
+            x.stride(0),
+            x.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            y.stride(0),
+            y.stride(1),
+            y.stride(2),
+            **common,
+        )
     return y
 
 
