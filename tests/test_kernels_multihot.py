@@ -91,6 +91,15 @@ def test_indices_to_multihot(k, T, L, K, id_dtype, prob_dtype):
     assert int(routing_map.sum()) == int(((indices >= 0) & (indices < L)).sum())
 
 
+def test_indices_to_multihot_repeated_id_keeps_last(k):
+    """Repeated ids are invalid input (top-k never makes them); the scatter still gives one answer: the last k."""
+    indices = torch.tensor([[2, 0, 2], [1, 1, -1], [3, 3, 3]])
+    probs = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]])
+    routing_map, probs_map = k.indices_to_multihot(indices, probs, 4)
+    assert torch.equal(routing_map, torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.bool))
+    assert torch.equal(probs_map, torch.tensor([[0.2, 0, 0.3, 0], [0, 0.5, 0, 0], [0, 0, 0, 0.9]]))
+
+
 @pytest.mark.parametrize("prob_dtype", [torch.float16, torch.float64])
 def test_indices_to_multihot_other_float_dtypes(k, prob_dtype):
     indices, probs = routing(19, 6, 4, prob_dtype=prob_dtype, seed=3)

@@ -132,9 +132,10 @@ def test_gpu_permute_unpermute_full_shapes(shape, pad):
 
 
 @pytest.mark.interpreter
-def test_tokens_with_more_rows_than_the_compact_list():
+@pytest.mark.parametrize("H", [7, 2100])  # one block of H, and three (the backward splits H into 1024-column blocks)
+def test_tokens_with_more_rows_than_the_compact_list(H):
     """Uneven routing: most tokens take one expert, a few take all of them (past the list width of the average)."""
-    T, E, H = 23, 11, 7
+    T, E = 23, 11
     g = torch.Generator().manual_seed(9)
     routing_map = torch.zeros(T, E, dtype=torch.bool)
     routing_map[torch.arange(T), torch.randint(0, E, (T,), generator=g)] = True

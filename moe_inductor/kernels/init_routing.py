@@ -29,10 +29,10 @@ rows nobody references (no full memset of the gradient). The bias gradient is a 
 the reference's torch code. moe_init_routing_v2_backward: `_gather_copies_kernel` sums the K copies of each token
 (fp32, k order); scatter-form row indices are inverted first by `_invert_kernel`.
 
-Block sizes are fixed heuristics (no autotuning): SUB = 64 copies; BLOCK_E = min(next_pow2(E'), 128);
-CHUNK = clamp(4 * next_pow2(E'), SUB, 1024), a function of E' only so that a symbolic N is not specialised;
+Block sizes are fixed heuristics (no autotuning): SUB = 32 copies; BLOCK_E = min(next_pow2(E'), 128);
+CHUNK = 128 copies for E' <= 32, else 256, a function of E' only so that a symbolic N is not specialised;
 BLOCK_H = min(next_pow2(H), 1024) for copies, finalize and backward (4 warps); dynamic quant takes the whole row
-(next_pow2(H) <= 8192, 8 warps from 4096 columns). Offsets of rows into `[rows, H]` buffers are int64.
+(next_pow2(H) <= 8192, 8 warps from 8192 columns). Offsets of rows into `[rows, H]` buffers are int64.
 
 Exactness: integer outputs, int8 and scales equal the reference bit for bit. The reference's `torch.round` is
 round-half-even (done with floor arithmetic, valid on GPU and in the interpreter); divisions are IEEE (`div_rn`);
@@ -57,7 +57,7 @@ from ..reference import init_routing as ref
 from ._launch import launcher, next_pow2
 
 # Tile sizes (module level so tests can shrink them to reach every loop with small shapes).
-_SUB = 64  # copies per rank program; in-chunk ranks come from [SUB, SUB] pairwise compares
+_SUB = 32  # copies per rank program; in-chunk ranks come from [SUB, SUB] pairwise compares
 _MAX_BLOCK_E = 128  # experts per one-hot tile
 _SCAN_CHUNKS = 128  # chunks per cumsum tile
 _MAX_BLOCK_H = 1024  # hidden columns per program / tile
@@ -78,7 +78,7 @@ def _is_empty(*sizes) -> bool:
 
 
 def _warps(block: int) -> int:
-    return 8 if block >= 4096 else 4
+    return 8 if block >= 8192 else 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -419,8 +419,10 @@ def _zero_rows_kernel(
 
 
 def _chunk(num_experts: int) -> int:
-    # Depends on E only (not on N, which may be symbolic): hist is [N*K / CHUNK, E], a few hundred chunks at most.
-    return max(_SUB, min(1024, 4 * next_pow2(num_experts)))
+    # Depends on E only (not on N, which may be symbolic). Short chunks keep the rank kernel's walk over the earlier
+    # SUB blocks of its chunk short; H200 sweep (route only, N*K = 131k copies): 1024/64 copies ~190 us at E=256,
+    # 256/32 70 us; 128/32 was best at E=8.
+    return max(_SUB, 128 if num_experts <= 32 else 256)
 
 
 def _route(expert_idx, start, end, num_rows, capacity, expert_num, drop_pad, scatter_idx, count_kind):
