@@ -1,24 +1,25 @@
 """Triton kernels for moe_init_routing_v2 and moe_finalize_routing (SPEC §4, §4b): same functions, arguments and
 outputs as `moe_inductor.reference.init_routing`.
 
-moe_init_routing_v2, five launches, no host sync, no sort:
+moe_init_routing_v2, six launches, no host sync, no sort:
 
 1. `_hist_kernel`, one program per chunk of `CHUNK` flat copies `j = t*K + k`: key = expert id - start (out of
    range -> no key); `hist[c, e]` = copies of expert e in chunk c, from one-hot compares of `[SUB, BLOCK_E]` tiles.
 2. `_scan_kernel`, one program per block of experts: `tl.cumsum` down `[BLOCK_C, BLOCK_E]` tiles of `hist` turns it
    into the exclusive per-expert prefix over chunks (in place); the column totals are the expert counts.
-3. `_rank_kernel`, one program per `SUB` copies: the stable counting-sort rank of each copy is
-   `expert offset + chunk prefix + same-key copies earlier in its chunk` (pairwise `[SUB, SUB]` compares; expert
-   offsets are the exclusive cumsum of the counts, picked per key with a one-hot). It writes the row of every copy
-   (`expanded_row_idx` for row_idx_type 0 and drop/pad, where the rank within the expert is cut at the capacity),
-   the scatter form for row_idx_type 1, and (program 0) the in-range total and the cumsum / key-value counts.
-4. The data movement, token-major: each program reads one token row (block) of `x` once and writes its K copies to
-   the rows found in step 3. `_expand_kernel` (grid `[N, H / BLOCK_H]`) copies (quant_mode -1, with the per-token
+3. `_offsets_kernel`, one program: the exclusive cumsum of the counts (each expert's first row), the in-range total
+   and the cumsum / key-value count outputs.
+4. `_rank_kernel`, one program per `SUB` copies: the stable counting-sort rank of each copy is
+   `expert offset + chunk prefix + same-key copies earlier in its chunk` (pairwise `[SUB, SUB]` compares; the
+   offset is one load per copy). It writes the row of every copy (`expanded_row_idx` for row_idx_type 0 and
+   drop/pad, where the rank within the expert is cut at the capacity) and the scatter form for row_idx_type 1.
+5. The data movement, token-major: each program reads one token row (block) of `x` once and writes its K copies to
+   the rows found in step 4. `_expand_kernel` (grid `[N, H / BLOCK_H]`) copies (quant_mode -1, with the per-token
    scale) or quantises statically (0); `_dynamic_quant_kernel` (grid `[N]`) fuses dynamic int8 quantisation: with no
    or a `[1, H]` smooth scale the token is quantised once and stored K times; with per-expert smooth scales each copy
    has its own amax. A row of up to `_ROW_TILE` columns is held in registers; longer rows take two passes over H
    (amax, then quantise), re-reading the row.
-5. `_zero_rows_kernel`: rows of `expanded_x` that receive no copy (past the valid count, empty drop/pad slots) are
+6. `_zero_rows_kernel`: rows of `expanded_x` that receive no copy (past the valid count, empty drop/pad slots) are
    zero, their scale too. Programs whose rows are all filled return after one load.
 
 moe_finalize_routing: one `_finalize_kernel`, program per (token, H block), gathers its K rows in k order
@@ -172,26 +173,64 @@ def _scan_kernel(hist_ptr, counts_ptr, num_chunks, num_experts, BLOCK_C: tl.cons
 
 
 @triton.jit
+def _offsets_kernel(
+    counts_ptr,
+    offsets_ptr,
+    total_ptr,
+    count_out_ptr,
+    num_experts,
+    start,
+    expert_num,
+    BLOCK_E: tl.constexpr,
+    COUNT_OUT: tl.constexpr,  # 0: none here, 1: cumsum, 2: key-value table
+):
+    """One program: exclusive expert offsets (the first row of each expert), the in-range total, and the cumsum /
+    key-value count outputs. Done once here so that every rank program reads its key's offset with one load."""
+    run = 0
+    nonzero = 0
+    for e0 in range(0, num_experts, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        e_ok = e < num_experts
+        cnt = tl.load(counts_ptr + e, mask=e_ok, other=0).to(tl.int32)
+        inclusive = tl.cumsum(cnt, axis=0) + run
+        tl.store(offsets_ptr + e, inclusive - cnt, mask=e_ok)
+        if COUNT_OUT == 1:
+            tl.store(count_out_ptr + e, inclusive.to(tl.int64), mask=e_ok)
+        if COUNT_OUT == 2:
+            has = e_ok & (cnt > 0)
+            pos = tl.cumsum(has.to(tl.int32), axis=0) - 1 + nonzero
+            tl.store(count_out_ptr + 2 * pos, (e + start).to(tl.int64), mask=has)
+            tl.store(count_out_ptr + 2 * pos + 1, cnt.to(tl.int64), mask=has)
+            nonzero += tl.sum(has.to(tl.int32), axis=0)
+        run += tl.sum(cnt, axis=0)
+    tl.store(total_ptr, run)
+    if COUNT_OUT == 2:
+        # Rows past the experts with tokens are zero.
+        for r0 in range(0, expert_num, BLOCK_E):
+            r = r0 + tl.arange(0, BLOCK_E)
+            pad = (r < expert_num) & (r >= nonzero)
+            zero = tl.zeros([BLOCK_E], dtype=tl.int64)
+            tl.store(count_out_ptr + 2 * r, zero, mask=pad)
+            tl.store(count_out_ptr + 2 * r + 1, zero, mask=pad)
+
+
+@triton.jit
 def _rank_kernel(
     idx_ptr,
     prefix_ptr,
-    counts_ptr,
+    offsets_ptr,
+    total_ptr,
     row_of_copy_ptr,
     scatter_idx_ptr,
-    total_ptr,
-    count_out_ptr,
     num_copies,
     start,
     num_experts,
-    expert_num,
     num_rows,
     capacity,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
-    BLOCK_E: tl.constexpr,
     DROP_PAD: tl.constexpr,
     SCATTER_IDX: tl.constexpr,
-    COUNT_OUT: tl.constexpr,  # 0: none here, 1: cumsum, 2: key-value table
 ):
     pid = tl.program_id(0)
     lane = tl.arange(0, SUB)
@@ -211,50 +250,13 @@ def _rank_kernel(
     if DROP_PAD:
         row = tl.where(in_range & (before < capacity), key.to(tl.int64) * capacity + before, -1)
     else:
-        # Expert offsets = exclusive cumsum of the counts; each copy picks its own with a one-hot.
-        base = tl.zeros([SUB], dtype=tl.int32)
-        total = 0
-        for e0 in range(0, num_experts, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)
-            cnt = tl.load(counts_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
-            offset = tl.cumsum(cnt, axis=0) - cnt + total
-            base += tl.sum(tl.where(key[:, None] == e[None, :], offset[None, :], 0), axis=1)
-            total += tl.sum(cnt, axis=0)
-        rank = base + before
+        rank = tl.load(offsets_ptr + key, mask=in_range, other=0) + before
         row = tl.where(in_range & (rank < num_rows), rank, -1)
         if SCATTER_IDX:
             # order[rank] = j for in-range copies; positions past the in-range total are -1 (each written once).
             tl.store(scatter_idx_ptr + rank, j, mask=in_range)
-            tl.store(scatter_idx_ptr + j, tl.full([SUB], -1, tl.int32), mask=live & (j >= total))
-        if pid == 0:
-            tl.store(total_ptr, total)
+            tl.store(scatter_idx_ptr + j, tl.full([SUB], -1, tl.int32), mask=live & (j >= tl.load(total_ptr)))
     tl.store(row_of_copy_ptr + j, row.to(tl.int32), mask=live)
-
-    if COUNT_OUT != 0:
-        if pid == 0:
-            run = 0
-            nonzero = 0
-            for e0 in range(0, num_experts, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                e_ok = e < num_experts
-                cnt = tl.load(counts_ptr + e, mask=e_ok, other=0).to(tl.int32)
-                if COUNT_OUT == 1:
-                    tl.store(count_out_ptr + e, (tl.cumsum(cnt, axis=0) + run).to(tl.int64), mask=e_ok)
-                else:
-                    has = e_ok & (cnt > 0)
-                    pos = tl.cumsum(has.to(tl.int32), axis=0) - 1 + nonzero
-                    tl.store(count_out_ptr + 2 * pos, (e + start).to(tl.int64), mask=has)
-                    tl.store(count_out_ptr + 2 * pos + 1, cnt.to(tl.int64), mask=has)
-                    nonzero += tl.sum(has.to(tl.int32), axis=0)
-                run += tl.sum(cnt, axis=0)
-            if COUNT_OUT == 2:
-                # Rows past the experts with tokens are zero.
-                for r0 in range(0, expert_num, BLOCK_E):
-                    r = r0 + tl.arange(0, BLOCK_E)
-                    pad = (r < expert_num) & (r >= nonzero)
-                    zero = tl.zeros([BLOCK_E], dtype=tl.int64)
-                    tl.store(count_out_ptr + 2 * r, zero, mask=pad)
-                    tl.store(count_out_ptr + 2 * r + 1, zero, mask=pad)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -454,27 +456,35 @@ def _route(expert_idx, start, end, num_rows, capacity, expert_num, drop_pad, sca
         count_out, count_mode = torch.empty((expert_num, 2), dtype=torch.int64, device=device), 2
     else:
         count_out, count_mode = counts, 0
+    offsets = torch.empty((num_experts,), dtype=torch.int32, device=device)
     # Unused pointers get the read-only `idx`: an output passed twice would alias under torch.compile's wrap_triton.
+    launcher(_offsets_kernel, idx)[(1,)](
+        counts,
+        offsets,
+        total,
+        count_out if count_mode else idx,
+        num_experts,
+        start,
+        max(expert_num, 1),
+        BLOCK_E=block_e,
+        COUNT_OUT=count_mode,
+    )
     launcher(_rank_kernel, idx)[(triton.cdiv(num_copies, _SUB),)](
         idx,
         hist,
-        counts,
+        offsets,
+        total,
         row_of_copy,
         expanded_row_idx if scatter_idx else idx,
-        total,
-        count_out if count_mode else idx,
         num_copies,
         start,
         num_experts,
-        max(expert_num, 1),
         num_rows,
         max(capacity, 1),
         CHUNK=chunk,
         SUB=_SUB,
-        BLOCK_E=block_e,
         DROP_PAD=drop_pad,
         SCATTER_IDX=scatter_idx,
-        COUNT_OUT=count_mode,
     )
     return row_of_copy, expanded_row_idx, counts, count_out, total
 
