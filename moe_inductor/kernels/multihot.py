@@ -36,10 +36,10 @@ _MAX_BLOCK_L = 256
 _SCATTER_TILE = 1024
 
 
-def _row_tile(num_cols: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_C) for a `[T, num_cols]` output tile of about `_TILE` elements."""
+def _row_tile(num_cols: int, tile: int = _TILE) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_C) for a `[T, num_cols]` output tile of about `tile` elements."""
     block_c = min(next_pow2(num_cols), _MAX_BLOCK_L)
-    return max(_TILE // block_c, 1), block_c
+    return max(tile // block_c, 1), block_c
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,8 +119,8 @@ def _launch_indices_to_multihot(indices, probs, routing_map, probs_map) -> None:
     num_experts = routing_map.shape[1]
     if num_tokens == 0:
         return
-    block_l = min(next_pow2(num_experts), _MAX_BLOCK_L)
-    block_t = max(1, min(_SCATTER_TILE // block_l, 32))
+    block_t, block_l = _row_tile(num_experts, _SCATTER_TILE)
+    block_t = min(block_t, 32)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_l))
     launcher(_indices_to_multihot_kernel, indices)[grid](
         indices,

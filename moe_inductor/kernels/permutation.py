@@ -701,11 +701,13 @@ def combine_rows_backward(grad_out, y, rows: PairRows, weights, need_weights_gra
     if num_tokens == 0:
         return grad_y, grad_w
     width = rows.list_width
-    # [W, BLOCK_H] tiles of ~8K elements: 1024 columns for K = 8 (the H200 sweep's best at dsv3, qwen3 and mixtral).
-    block_h = max(16, min(next_pow2(max(hidden, 1)), _TILE // width, 1024))
+    # [W, BLOCK_H] tiles of ~8K elements, at most 1024 columns: 1024 for K = 8 (the H200 sweep's best at dsv3, qwen3
+    # and mixtral, with 4 warps).
+    block_h = min(_tile(hidden, width)[0], 1024)
     num_blocks = triton.cdiv(max(hidden, 1), block_h)
-    acc = acc_dtype(y.dtype)
-    dots = torch.empty((num_tokens, num_blocks, width), dtype=acc, device=y.device) if need_weights_grad else None
+    dots = None
+    if need_weights_grad:
+        dots = torch.empty((num_tokens, num_blocks, width), dtype=acc_dtype(y.dtype), device=y.device)
     block_e = next_pow2(num_experts)
     launcher(_combine_backward, y)[(num_tokens, num_blocks)](
         grad_out,
