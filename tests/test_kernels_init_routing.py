@@ -36,7 +36,9 @@ from poison import interpreted_module
 
 F32, BF16 = torch.float32, torch.bfloat16
 
-SMALL_TILES = dict(_SUB=16, _MAX_BLOCK_E=2, _SCAN_CHUNKS=2, _MAX_BLOCK_H=16, _ROW_TILE=16, _ZERO_ROWS=4)
+SMALL_TILES = dict(
+    _SUB=16, _MAX_BLOCK_E=2, _MIN_BINS=1, _MAX_BINS=2, _SCAN_CHUNKS=2, _MAX_BLOCK_H=16, _ROW_TILE=16, _ZERO_ROWS=4
+)
 
 
 @pytest.fixture
@@ -387,6 +389,8 @@ GPU_INIT = {
     "static": dict(quant_mode=0, scale="static1"),
     "token_scale_scatter_sub_range": dict(scale="token", row_idx_type=1, active_expert_range=(1, 4), active_num=-1),
     "drop_pad_dynamic": dict(drop_pad_mode=1, quant_mode=1, expert_tokens_num_type=2, capacity_factor=1.0),
+    # Copies outside the expert range leave rows past the in-range total, which the quantising kernel zeroes.
+    "dynamic_sub_range": dict(quant_mode=1, active_expert_range=(1, 4)),
 }
 
 
@@ -485,3 +489,49 @@ def test_gpu_compiled_init_and_finalize_match_eager():
     compiled = torch.compile(layer, fullgraph=True)(x, idx, probs, smooth)
     for a, e in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_quotient_rounds_like_torch_division():
+    """The compiled quantiser divides by one reciprocal and an FMA correction instead of `div_rn`: its int8 must be
+    torch's `round(x / scale)` for every finite bf16 x (what the op quantises without a smooth scale) and for random
+    fp32 x (smoothed rows), over scales across the exponent range, including the ones that fall back to `div_rn`."""
+    import triton
+    import triton.language as tl
+
+    from moe_inductor.kernels.init_routing import _quantise
+
+    @triton.jit
+    def probe(x_ptr, ds_ptr, out_ptr, n, stride_xs, BLOCK: tl.constexpr):
+        s = tl.program_id(1)
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ds = tl.load(ds_ptr + s)
+        x = tl.load(x_ptr + s * stride_xs + i, mask=i < n, other=0.0)
+        tl.store(out_ptr + s * n + i, _quantise(x, ds, tl.where(ds > 0, ds, 1.0), True), mask=i < n)
+
+    g = _gen(21)
+    exponents = torch.randint(-118, 118, (1024,), generator=g).float()
+    amax = (1 + torch.rand(1024, generator=g)) * torch.exp2(exponents)
+    amax[:16] = torch.tensor([0.0, 1.0, 127.0, 2.0**-126, 2.0**-110, 2.0**-93, 2.0**100, 3e38] * 2)
+    ds = amax / 127.0  # the kernel's dynamic scale (IEEE division, as torch)
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(BF16).float()
+    finite_bf16 = bits[torch.isfinite(bits)]
+    cases = {
+        "all bf16": finite_bf16.expand(ds.numel(), -1),
+        "random fp32": (torch.rand(ds.numel(), 1 << 16, generator=g) * 2 - 1) * amax[:, None],
+    }
+    for name, x in cases.items():
+        x = x.contiguous()
+        safe = torch.where(ds > 0, ds, torch.ones_like(ds))
+        q = torch.round(x / safe[:, None])
+        valid = q.abs() <= 127  # what a row's own amax guarantees; larger quotients saturate differently
+        expected = torch.where(ds[:, None] > 0, q, 0.0).to(torch.int8)
+        out = torch.empty(x.shape, dtype=torch.int8, device="cuda")
+        n = x.shape[1]
+        probe[(triton.cdiv(n, 1024), ds.numel())](x.cuda(), ds.cuda(), out, n, n, BLOCK=1024)
+        got = out.cpu()
+        bad = valid & (got != expected)
+        assert valid.sum() > 1_000_000, name
+        assert not bad.any(), (
+            f"{name}: {int(bad.sum())} mismatches, first at x={x[bad][0]}, scale={safe.expand_as(x)[bad][0]}"
+        )

@@ -1,11 +1,11 @@
 """Triton kernels for moe_init_routing_v2 and moe_finalize_routing (SPEC §4, §4b): same functions, arguments and
 outputs as `moe_inductor.reference.init_routing`.
 
-moe_init_routing_v2, six launches, no host sync, no sort:
+moe_init_routing_v2, five launches (six with drop/pad), no host sync, no sort:
 
 1. `_hist_kernel`, one program per chunk of `CHUNK` flat copies `j = t*K + k`: key = expert id - start (out of
-   range -> no key); `hist[c, e]` = copies of expert e in chunk c, from one-hot compares of `[SUB, BLOCK_E]` tiles.
-2. `_scan_kernel`, one program per block of experts: `tl.cumsum` down `[BLOCK_C, BLOCK_E]` tiles of `hist` turns it
+   range -> no key); `hist[c, e]` = copies of expert e in chunk c, by `tl.histogram` (warp ballots).
+2. `_scan_kernel`, one program per few experts: `tl.cumsum` down `[BLOCK_C, BLOCK_E]` tiles of `hist` turns it
    into the exclusive per-expert prefix over chunks (in place); the column totals are the expert counts.
 3. `_offsets_kernel`, one program: the exclusive cumsum of the counts (each expert's first row), the in-range total
    and the cumsum / key-value count outputs.
@@ -18,9 +18,10 @@ moe_init_routing_v2, six launches, no host sync, no sort:
    scale) or quantises statically (0); `_dynamic_quant_kernel` (grid `[N]`) fuses dynamic int8 quantisation: with no
    or a `[1, H]` smooth scale the token is quantised once and stored K times; with per-expert smooth scales each copy
    has its own amax. A row of up to `_ROW_TILE` columns is held in registers; longer rows take two passes over H
-   (amax, then quantise), re-reading the row.
-6. `_zero_rows_kernel`: rows of `expanded_x` that receive no copy (past the valid count, empty drop/pad slots) are
-   zero, their scale too. Programs whose rows are all filled return after one load.
+   (amax, then quantise), re-reading the row. Dropless rows past the in-range total (copies of experts outside the
+   range, -1 ids) are zeroed here too, by the program of token `row // K`.
+6. drop/pad only: `_zero_rows_kernel` zeroes the empty slots past each expert's count (and their scale). Programs
+   whose rows are all filled return after one load.
 
 moe_finalize_routing: one `_finalize_kernel`, program per (token, H block), gathers its K rows in k order
 (-1 / out-of-range rows drop the whole term), adds the expert bias, multiplies by the scale, accumulates in fp32,
@@ -30,14 +31,16 @@ rows nobody references (no full memset of the gradient). The bias gradient is a 
 the reference's torch code. moe_init_routing_v2_backward: `_gather_copies_kernel` sums the K copies of each token
 (fp32, k order); scatter-form row indices are inverted first by `_invert_kernel`.
 
-Block sizes are fixed heuristics (no autotuning): SUB = 32 copies; BLOCK_E = min(next_pow2(E'), 128);
-CHUNK = 128 copies for E' <= 32, else 256, a function of E' only so that a symbolic N is not specialised;
-BLOCK_H = min(next_pow2(H), 1024) for copies, finalize and backward (4 warps); dynamic quant takes the whole row
-(next_pow2(H) <= 8192, 8 warps from 8192 columns). Offsets of rows into `[rows, H]` buffers are int64.
+Block sizes are fixed heuristics (no autotuning): SUB = 32 copies; CHUNK = 128 copies, a constant so that a
+symbolic N is not specialised; histogram bins min(max(next_pow2(E'), 32), 1024) per pass; BLOCK_H = min(next_pow2(H),
+1024) for copies, finalize and backward (4 warps); dynamic quant takes the whole row (next_pow2(H) <= 8192, 8 warps
+from 8192 columns). Offsets of rows into `[rows, H]` buffers are int64.
 
 Exactness: integer outputs, int8 and scales equal the reference bit for bit. The reference's `torch.round` is
-round-half-even (done with floor arithmetic, valid on GPU and in the interpreter); divisions are IEEE (`div_rn`);
-products that feed an add are an inline `mul.rn.f32` on GPU, never contracted into an FMA (torch rounds the product).
+round-half-even (`cvt.rni` on GPU, floor arithmetic in the interpreter); divisions are IEEE: `div_rn`, or on GPU for
+the dynamic quantisation one reciprocal per row and an FMA-corrected product per element, which gives the same
+correctly rounded quotient (`_quantise` says when; a GPU test checks it over every bf16 value); products that feed
+an add are an inline `mul.rn.f32` on GPU, never contracted into an FMA (torch rounds the product).
 Float results add the K terms in k order, in fp32, with one final rounding: the reference's operations in the same
 order, except that torch's `sum` over K does not always add in k order (then they agree to summation order).
 
@@ -59,8 +62,13 @@ from ._launch import launcher, next_pow2
 
 # Tile sizes (module level so tests can shrink them to reach every loop with small shapes).
 _SUB = 32  # copies per rank program; in-chunk ranks come from [SUB, SUB] pairwise compares
-_MAX_BLOCK_E = 128  # experts per one-hot tile
-_SCAN_CHUNKS = 128  # chunks per cumsum tile
+_MAX_BLOCK_E = 128  # experts per offsets tile
+_MIN_BINS, _MAX_BINS = 32, 1024  # tl.histogram bins per pass: a multiple of the warp size (its lowering asserts it)
+# Copies per histogram chunk, a constant (N may be symbolic). Short chunks keep the rank kernel's walk over the
+# earlier SUB blocks of its chunk short, and with tl.histogram more chunks cost little. H200 (N*K = 131k copies,
+# E = 256): rank 13.3 us with 256-copy chunks, 9.9 with 128, 16-33 with SUB = 64; hist 23 us -> 2.8 with tl.histogram.
+_CHUNK = 128
+_SCAN_CHUNKS, _SCAN_EXPERTS = 1024, 4  # [chunks, experts] per cumsum tile
 _MAX_BLOCK_H = 1024  # hidden columns per program / tile
 _ROW_TILE = 8192  # dynamic quant holds a whole row in registers up to this many columns
 _ZERO_ROWS = 16  # rows per zero-fill program
@@ -112,14 +120,40 @@ def _round_half_even(x):
 
 
 @triton.jit
+def _rint(x, FAST: tl.constexpr):
+    # torch.round (half to even): one `cvt.rni` on GPU, floor arithmetic in the interpreter.
+    if FAST:
+        return tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return _round_half_even(x)
+
+
+@triton.jit
 def _dynamic_scale(amax):
     ds = tl.math.div_rn(amax, 127.0)  # torch: amax / 127.0, IEEE division
     return ds, tl.where(ds > 0, ds, 1.0)
 
 
 @triton.jit
-def _quantise(xf, ds, safe):
-    return tl.where(ds > 0, _round_half_even(tl.math.div_rn(xf, safe)), 0.0).to(tl.int8)
+def _quantise(xf, ds, safe, FAST: tl.constexpr):
+    """int8 of torch's `round(x / scale)` (0 where the scale is 0), bit for bit.
+
+    FAST (compiled kernels): `div_rn` per element made the quantising kernel compute-bound (1.5x its byte floor at
+    H=4096, K=2). Instead q0 = x * RN(1/s) and one FMA correction q0 + RN(x - q0*s) * RN(1/s): Markstein's theorem
+    makes that the correctly rounded quotient while s, 1/s and the remainder stay normal numbers, which the scalar
+    range check on s guarantees for every |x| <= 127 s (the remainder is ~ulp(q) * s, and only |q| >= 0.5 can
+    round to a nonzero int). Other scales (tiny, huge, inf, nan) take `div_rn`.
+    """
+    if FAST:
+        if (safe >= 7.888609052210118e-31) & (safe <= 1.2676506002282294e30):  # 2**-100 <= s <= 2**100
+            inv = tl.math.div_rn(1.0, safe)
+            q0 = xf * inv
+            q = tl.fma(tl.fma(-q0, safe, xf), inv, q0)
+        else:
+            q = tl.math.div_rn(xf, safe)
+    else:
+        q = tl.math.div_rn(xf, safe)
+    return tl.where(ds > 0, _rint(q, FAST), 0.0).to(tl.int8)
 
 
 @triton.jit
@@ -143,17 +177,15 @@ def _copy_keys(idx_ptr, j, num_copies, start, num_experts):
 
 
 @triton.jit
-def _hist_kernel(
-    idx_ptr, hist_ptr, num_copies, start, num_experts, CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr
-):
+def _hist_kernel(idx_ptr, hist_ptr, num_copies, start, num_experts, CHUNK: tl.constexpr, BINS: tl.constexpr):
+    # tl.histogram (warp ballots) over the chunk's keys, BINS experts at a time; keys past E (no expert) are masked.
     c = tl.program_id(0)
-    for e0 in range(0, num_experts, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        acc = tl.zeros([BLOCK_E], dtype=tl.int32)
-        for s in range(0, CHUNK, SUB):
-            key = _copy_keys(idx_ptr, c * CHUNK + s + tl.arange(0, SUB), num_copies, start, num_experts)
-            acc += tl.sum((key[:, None] == e[None, :]).to(tl.int32), axis=0)
-        tl.store(hist_ptr + c * num_experts + e, acc, mask=e < num_experts)
+    key = _copy_keys(idx_ptr, c * CHUNK + tl.arange(0, CHUNK), num_copies, start, num_experts)
+    for e0 in range(0, num_experts, BINS):
+        rel = key - e0
+        counts = tl.histogram(rel, BINS, mask=(rel >= 0) & (rel < BINS))
+        e = e0 + tl.arange(0, BINS)
+        tl.store(hist_ptr + c.to(tl.int64) * num_experts + e, counts, mask=e < num_experts)
 
 
 @triton.jit
@@ -265,6 +297,23 @@ def _rank_kernel(
 
 
 @triton.jit
+def _zero_tail_rows(
+    out_ptr, scale_out_ptr, total_ptr, num_rows, t, K, H, cols, span, WITH_SCALE, BLOCK_H: tl.constexpr
+):
+    """Dropless rows past the in-range total get no copy and must be zero (scale too). Rows t*K .. t*K+K-1 belong
+    to token t's program, so the data-movement kernel zeroes them itself: one load of the total when all rows are
+    filled (the usual case), instead of a launch over all rows."""
+    total = tl.load(total_ptr)
+    for k in range(K):
+        r = t.to(tl.int64) * K + k
+        if (r >= total) & (r < num_rows):
+            for h0 in range(0, span, BLOCK_H):  # columns `cols`, shifted by BLOCK_H while below `span`
+                c = h0 + cols
+                tl.store(out_ptr + r * H + c, tl.zeros([BLOCK_H], dtype=out_ptr.dtype.element_ty), mask=c < H)
+            tl.store(scale_out_ptr + r, tl.zeros((), dtype=scale_out_ptr.dtype.element_ty), mask=WITH_SCALE)
+
+
+@triton.jit
 def _expand_kernel(
     x_ptr,
     row_of_copy_ptr,
@@ -272,12 +321,15 @@ def _expand_kernel(
     scale_ptr,
     offset_ptr,
     scale_out_ptr,
+    total_ptr,
+    num_rows,
     H,
     K,
     scale_stride,
     offset_stride,
     STATIC_QUANT: tl.constexpr,
     TOKEN_SCALE: tl.constexpr,
+    ZERO_TAIL: tl.constexpr,
     EXACT: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -286,12 +338,14 @@ def _expand_kernel(
     hb = tl.program_id(1)
     cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
+    if ZERO_TAIL:
+        _zero_tail_rows(out_ptr, scale_out_ptr, total_ptr, num_rows, t, K, H, cols, 1, hb == 0, BLOCK_H)
     v = tl.load(x_ptr + t.to(tl.int64) * H + cols, mask=col_ok)
     if STATIC_QUANT:
         s = tl.load(scale_ptr + cols * scale_stride, mask=col_ok, other=0).to(tl.float32)
         o = tl.load(offset_ptr + cols * offset_stride, mask=col_ok, other=0).to(tl.float32)
         v = _mul(v.to(tl.float32), s, EXACT) + o
-        v = tl.minimum(tl.maximum(_round_half_even(v), -128.0), 127.0).to(tl.int8)
+        v = tl.minimum(tl.maximum(_rint(v, EXACT), -128.0), 127.0).to(tl.int8)
     if TOKEN_SCALE:
         token_scale = tl.load(scale_ptr + t)
     else:
@@ -299,7 +353,7 @@ def _expand_kernel(
     for k in range(K):
         row = tl.load(row_of_copy_ptr + t * K + k)
         ok = row >= 0
-        tl.store(out_ptr + row.to(tl.int64) * H + cols, v, mask=_both(col_ok, ok))
+        tl.store(out_ptr + row.to(tl.int64) * H + cols, v, mask=_both(col_ok, ok), eviction_policy="evict_first")
         tl.store(scale_out_ptr + row, token_scale, mask=ok & (hb == 0))
 
 
@@ -311,16 +365,22 @@ def _dynamic_quant_kernel(
     smooth_ptr,
     out_ptr,
     scale_out_ptr,
+    total_ptr,
+    num_rows,
     H,
     K,
     start,
     SMOOTH: tl.constexpr,
     ONE_TILE: tl.constexpr,
+    ZERO_TAIL: tl.constexpr,
+    FAST: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0)
     x_row = x_ptr + t.to(tl.int64) * H
     cols = tl.arange(0, BLOCK_H)
+    if ZERO_TAIL:
+        _zero_tail_rows(out_ptr, scale_out_ptr, total_ptr, num_rows, t, K, H, cols, H, True, BLOCK_H)
     if ONE_TILE:
         xf = tl.load(x_row + cols, mask=cols < H, other=0).to(tl.float32)
     if SMOOTH != 2:
@@ -329,10 +389,15 @@ def _dynamic_quant_kernel(
             if SMOOTH == 1:
                 xf = xf * tl.load(smooth_ptr + cols, mask=cols < H, other=0).to(tl.float32)
             ds, safe = _dynamic_scale(tl.max(tl.abs(xf), axis=0))
-            q = _quantise(xf, ds, safe)
+            q = _quantise(xf, ds, safe, FAST)
             for k in range(K):
                 row = tl.load(row_of_copy_ptr + t * K + k)
-                tl.store(out_ptr + row.to(tl.int64) * H + cols, q, mask=_both(cols < H, row >= 0))
+                tl.store(
+                    out_ptr + row.to(tl.int64) * H + cols,
+                    q,
+                    mask=_both(cols < H, row >= 0),
+                    eviction_policy="evict_first",  # copies are not read again here: keep x in L2
+                )
                 tl.store(scale_out_ptr + row, ds, mask=row >= 0)
         else:
             # Row longer than a tile: amax pass, then quantise pass (re-reads the row, from cache).
@@ -349,7 +414,7 @@ def _dynamic_quant_kernel(
                 xb = tl.load(x_row + c, mask=c < H, other=0).to(tl.float32)
                 if SMOOTH == 1:
                     xb = xb * tl.load(smooth_ptr + c, mask=c < H, other=0).to(tl.float32)
-                q = _quantise(xb, ds, safe)
+                q = _quantise(xb, ds, safe, FAST)
                 for k in range(K):
                     row = tl.load(row_of_copy_ptr + t * K + k)
                     tl.store(out_ptr + row.to(tl.int64) * H + c, q, mask=_both(c < H, row >= 0))
@@ -366,7 +431,7 @@ def _dynamic_quant_kernel(
                 if ONE_TILE:
                     xs = xf * tl.load(smooth_row + cols, mask=cols < H, other=0).to(tl.float32)
                     ds, safe = _dynamic_scale(tl.max(tl.abs(xs), axis=0))
-                    tl.store(out_row + cols, _quantise(xs, ds, safe), mask=cols < H)
+                    tl.store(out_row + cols, _quantise(xs, ds, safe, FAST), mask=cols < H)
                 else:
                     # Two passes over H (amax, then quantise) for this copy's smooth scale.
                     amax = 0.0
@@ -380,7 +445,7 @@ def _dynamic_quant_kernel(
                         c = h0 + cols
                         xb = tl.load(x_row + c, mask=c < H, other=0).to(tl.float32)
                         xb = xb * tl.load(smooth_row + c, mask=c < H, other=0).to(tl.float32)
-                        tl.store(out_row + c, _quantise(xb, ds, safe), mask=c < H)
+                        tl.store(out_row + c, _quantise(xb, ds, safe, FAST), mask=c < H)
                 tl.store(scale_out_ptr + row, ds)
 
 
@@ -420,29 +485,29 @@ def _zero_rows_kernel(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _chunk(num_experts: int) -> int:
-    # Depends on E only (not on N, which may be symbolic). Short chunks keep the rank kernel's walk over the earlier
-    # SUB blocks of its chunk short; H200 sweep (route only, N*K = 131k copies): 1024/64 copies ~190 us at E=256,
-    # 256/32 70 us; 128/32 was best at E=8.
-    return max(_SUB, 128 if num_experts <= 32 else 256)
-
-
 def _route(expert_idx, start, end, num_rows, capacity, expert_num, drop_pad, scatter_idx, count_kind):
     """Launches 1-3. Returns (row_of_copy int32, expanded_row_idx int32, counts int64 [E'], count output, total)."""
     device = expert_idx.device
     num_copies = expert_idx.numel()
     num_experts = end - start
     idx = expert_idx
-    chunk = _chunk(num_experts)
+    chunk = max(_SUB, _CHUNK)
     num_chunks = (num_copies + chunk - 1) // chunk
     block_e = min(next_pow2(num_experts), _MAX_BLOCK_E)
 
     hist = torch.empty((num_chunks, num_experts), dtype=torch.int32, device=device)
     launcher(_hist_kernel, idx)[(num_chunks,)](
-        idx, hist, num_copies, start, num_experts, CHUNK=chunk, SUB=_SUB, BLOCK_E=block_e
+        idx,
+        hist,
+        num_copies,
+        start,
+        num_experts,
+        CHUNK=chunk,
+        BINS=min(max(next_pow2(num_experts), _MIN_BINS), _MAX_BINS),
     )
     counts = torch.empty((num_experts,), dtype=torch.int64, device=device)
-    scan_e = min(next_pow2(num_experts), 32)
+    # Latency-bound: few experts per program and all chunks of a shape like dsv3's in one tile.
+    scan_e = min(next_pow2(num_experts), _SCAN_EXPERTS)
     launcher(_scan_kernel, idx)[(triton.cdiv(num_experts, scan_e),)](
         hist, counts, num_chunks, num_experts, BLOCK_C=_SCAN_CHUNKS, BLOCK_E=scan_e
     )
@@ -560,11 +625,15 @@ def moe_init_routing_v2(
             smooth,
             expanded_x,
             expanded_scale,
+            total,
+            num_rows,
             hidden,
             topk,
             start,
             SMOOTH=smooth_mode,
             ONE_TILE=one_tile,
+            ZERO_TAIL=not drop_pad,
+            FAST=_exact(_dynamic_quant_kernel),
             BLOCK_H=block_h,
             num_warps=_warps(block_h),
         )
@@ -583,20 +652,23 @@ def moe_init_routing_v2(
             scale_in,
             offset_in,
             expanded_scale,
+            total,
+            num_rows,
             hidden,
             topk,
             scale_stride,
             offset_stride,
             STATIC_QUANT=static,
             TOKEN_SCALE=token_scale,
+            ZERO_TAIL=not drop_pad,
             EXACT=_exact(kernel),
             BLOCK_H=block_h,
             num_warps=_warps(block_h),
         )
 
-    # Rows that received no copy.
-    mode, info = (_ZERO_EMPTY_SLOTS, counts) if drop_pad else (_ZERO_AFTER_COUNT, total)
-    _zero_rows(expanded_x, expanded_scale, info, mode, max(expert_capacity, 1))
+    if drop_pad:
+        # Slots past each expert's count received no copy (dropless tail rows were zeroed by the kernel above).
+        _zero_rows(expanded_x, expanded_scale, counts, _ZERO_EMPTY_SLOTS, max(expert_capacity, 1))
 
     if drop_pad:
         expanded_x = expanded_x.view(end - start, expert_capacity, hidden)
