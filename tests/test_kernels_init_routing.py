@@ -37,24 +37,35 @@ from poison import interpreted_module
 F32, BF16 = torch.float32, torch.bfloat16
 
 SMALL_TILES = dict(
-    _SUB=16, _MAX_BLOCK_E=2, _MIN_BINS=1, _MAX_BINS=2, _SCAN_CHUNKS=2, _MAX_BLOCK_H=16, _ROW_TILE=16, _ZERO_ROWS=4
+    _CHUNK=32,
+    _RANK_BLOCK=8,
+    _MAX_BLOCK_E=2,
+    _MIN_BINS=1,
+    _MAX_BINS=2,
+    _SCAN_CHUNKS=2,
+    _MAX_BLOCK_H=16,
+    _ROW_TILE=16,
+    _ZERO_ROWS=4,
 )
 
 
 @pytest.fixture
 def k(request, monkeypatch):
     """The interpreted kernel module (poisoned outputs, guards checked afterwards); tiny tiles when parametrized
-    with "small" (indirect)."""
+    with "small" (indirect), and with "small_inline" also ranks computed by the data kernels whatever K is."""
     module, poisoned = interpreted_module("moe_inductor.kernels.init_routing", monkeypatch)
-    if getattr(request, "param", "default") == "small":
+    param = getattr(request, "param", "default")
+    if param.startswith("small"):
         for name, value in SMALL_TILES.items():
             monkeypatch.setattr(module, name, value)
+    if param.endswith("inline"):  # the data kernel ranks its own copies at any K (else from K = 4 on)
+        monkeypatch.setattr(module, "_ranks_inline", lambda topk: True)
     yield module
     poisoned.check_guards()
 
 
 def test_kernels_are_interpreted(k):
-    assert isinstance(k._rank_kernel, InterpretedFunction)
+    assert isinstance(k._dynamic_quant_kernel, InterpretedFunction)
     assert isinstance(k._finalize_kernel, InterpretedFunction)
 
 
@@ -167,7 +178,7 @@ def _tiled(cases, small):
     """(k, case) parameters: every case with default tiles, the cases named in `small` with tiny tiles too."""
     assert set(small) <= set(cases)
     params = [pytest.param("default", c, id=f"default-{c}") for c in cases]
-    return params + [pytest.param("small", c, id=f"small-{c}") for c in small]
+    return params + [pytest.param(tiles, c, id=f"{tiles}-{c}") for tiles in ("small", "small_inline") for c in small]
 
 
 def _assert_equal(actual, expected, what):

@@ -1,7 +1,7 @@
 """Triton kernels for moe_init_routing_v2 and moe_finalize_routing (SPEC §4, §4b): same functions, arguments and
 outputs as `moe_inductor.reference.init_routing`.
 
-moe_init_routing_v2, five launches (six with drop/pad), no host sync, no sort:
+moe_init_routing_v2, four launches (one more below K = 4, one more with drop/pad), no host sync, no sort:
 
 1. `_hist_kernel`, one program per chunk of `CHUNK` flat copies `j = t*K + k`: key = expert id - start (out of
    range -> no key); `hist[c, e]` = copies of expert e in chunk c, by `tl.histogram` (warp ballots).
@@ -9,18 +9,19 @@ moe_init_routing_v2, five launches (six with drop/pad), no host sync, no sort:
    into the exclusive per-expert prefix over chunks (in place); the column totals are the expert counts.
 3. `_offsets_kernel`, one program: the exclusive cumsum of the counts (each expert's first row), the in-range total
    and the cumsum / key-value count outputs.
-4. `_rank_kernel`, one program per `SUB` copies: the stable counting-sort rank of each copy is
-   `expert offset + chunk prefix + same-key copies earlier in its chunk` (pairwise `[SUB, SUB]` compares; the
-   offset is one load per copy). It writes the row of every copy (`expanded_row_idx` for row_idx_type 0 and
-   drop/pad, where the rank within the expert is cut at the capacity) and the scatter form for row_idx_type 1.
-5. The data movement, token-major: each program reads one token row (block) of `x` once and writes its K copies to
-   the rows found in step 4. `_expand_kernel` (grid `[N, H / BLOCK_H]`) copies (quant_mode -1, with the per-token
-   scale) or quantises statically (0); `_dynamic_quant_kernel` (grid `[N]`) fuses dynamic int8 quantisation: with no
-   or a `[1, H]` smooth scale the token is quantised once and stored K times; with per-expert smooth scales each copy
-   has its own amax. A row of up to `_ROW_TILE` columns is held in registers; longer rows take two passes over H
+4. The data movement, token-major: each program first ranks its token's K copies (`_write_copy_rows`; below K = 4
+   a `_rank_kernel` launch over blocks of copies does it instead, see `_ranks_inline`): the stable
+   counting-sort rank of a copy is `expert offset + chunk prefix + same-key copies earlier in its chunk` (compares
+   with the chunk's keys; the offset and prefix are one load each). It writes the row of every copy
+   (`expanded_row_idx` for row_idx_type 0 and drop/pad, where the rank within the expert is cut at the capacity)
+   and the scatter form for row_idx_type 1. Then it reads the token's row (block) of `x` once and writes its K
+   copies to those rows. `_expand_kernel` (grid `[N, H / BLOCK_H]`) copies (quant_mode -1, with the per-token scale)
+   or quantises statically (0); `_dynamic_quant_kernel` (grid `[N]`) fuses dynamic int8 quantisation: with no or a
+   `[1, H]` smooth scale the token is quantised once and stored K times; with per-expert smooth scales each copy has
+   its own amax. A row of up to `_ROW_TILE` columns is held in registers; longer rows take two passes over H
    (amax, then quantise), re-reading the row. Dropless rows past the in-range total (copies of experts outside the
    range, -1 ids) are zeroed here too, by the program of token `row // K`.
-6. drop/pad only: `_zero_rows_kernel` zeroes the empty slots past each expert's count (and their scale). Programs
+5. drop/pad only: `_zero_rows_kernel` zeroes the empty slots past each expert's count (and their scale). Programs
    whose rows are all filled return after one load.
 
 moe_finalize_routing: one `_finalize_kernel`, program per (token, H block), gathers its K rows in k order
@@ -31,7 +32,7 @@ rows nobody references (no full memset of the gradient). The bias gradient is a 
 the reference's torch code. moe_init_routing_v2_backward: `_gather_copies_kernel` sums the K copies of each token
 (fp32, k order); scatter-form row indices are inverted first by `_invert_kernel`.
 
-Block sizes are fixed heuristics (no autotuning): SUB = 32 copies; CHUNK = 128 copies, a constant so that a
+Block sizes are fixed heuristics (no autotuning): CHUNK = 128 copies, a constant so that a
 symbolic N is not specialised; histogram bins min(max(next_pow2(E'), 32), 1024) per pass; BLOCK_H = min(next_pow2(H),
 1024) for copies, finalize and backward (4 warps); dynamic quant takes the whole row (next_pow2(H) <= 8192, 8 warps
 from 8192 columns). Offsets of rows into `[rows, H]` buffers are int64.
@@ -51,6 +52,8 @@ Duplicate rows in a finalize index are invalid input (rows then get one of the c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -61,20 +64,19 @@ from ..reference import init_routing as ref
 from ._launch import launcher, next_pow2
 
 # Tile sizes (module level so tests can shrink them to reach every loop with small shapes).
-_SUB = 32  # copies per rank program; in-chunk ranks come from [SUB, SUB] pairwise compares
 _MAX_BLOCK_E = 128  # experts per offsets tile
 _MIN_BINS, _MAX_BINS = 32, 1024  # tl.histogram bins per pass: a multiple of the warp size (its lowering asserts it)
-# Copies per histogram chunk, a constant (N may be symbolic). Short chunks keep the rank kernel's walk over the
-# earlier SUB blocks of its chunk short, and with tl.histogram more chunks cost little. H200 (N*K = 131k copies,
-# E = 256): rank 13.3 us with 256-copy chunks, 9.9 with 128, 16-33 with SUB = 64; hist 23 us -> 2.8 with tl.histogram.
+# Copies per histogram chunk, a constant (N may be symbolic): a copy's rank compares it with the earlier copies of
+# its chunk, so chunks stay short; with tl.histogram more chunks cost little (hist 23 us -> 2.8 at 131k copies).
 _CHUNK = 128
+_RANK_BLOCK = 32  # copies per `_rank_kernel` program
 _SCAN_CHUNKS, _SCAN_EXPERTS = 1024, 4  # [chunks, experts] per cumsum tile
 _MAX_BLOCK_H = 1024  # hidden columns per program / tile
 _ROW_TILE = 8192  # dynamic quant holds a whole row in registers up to this many columns
 _ZERO_ROWS = 16  # rows per zero-fill program
 
 _NO_SMOOTH, _SHARED_SMOOTH, _EXPERT_SMOOTH = 0, 1, 2
-_ZERO_AFTER_COUNT, _ZERO_EMPTY_SLOTS, _ZERO_UNFLAGGED = 0, 1, 2
+_ZERO_EMPTY_SLOTS, _ZERO_UNFLAGGED = 1, 2
 
 
 def _exact(kernel) -> bool:
@@ -247,6 +249,62 @@ def _offsets_kernel(
 
 
 @triton.jit
+def _write_copy_rows(
+    idx_ptr,
+    prefix_ptr,
+    offsets_ptr,
+    total_ptr,
+    row_of_copy_ptr,
+    scatter_idx_ptr,
+    j0,
+    count,
+    num_copies,
+    start,
+    num_experts,
+    num_rows,
+    capacity,
+    LEAD,
+    CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DROP_PAD: tl.constexpr,
+    SCATTER_IDX: tl.constexpr,
+):
+    """Rows of the `count` copies j0 .. j0+count-1 (a token's K copies, or a block of the rank kernel), stored to
+    `row_of_copy` (and the scatter form when LEAD). The counting-sort rank of a copy is `expert offset + chunk prefix
+    + same-key copies earlier in its chunk`; the last term compares the copy with the keys of the chunk window of
+    copy j0 (at most CHUNK - 1 of them), or, for a copy past that chunk, with the block's own earlier copies. Done
+    by the data kernel itself from K = 4 on (`_ranks_inline`): ~1K compares per token next to moving its row."""
+    k = tl.arange(0, BLOCK_K)
+    j = j0 + k
+    live = (k < count) & (j < num_copies)
+    key = tl.where(live, _copy_keys(idx_ptr, j, num_copies, start, num_experts), num_experts)
+    in_range = key < num_experts
+
+    chunk = j // CHUNK
+    chunk_start = chunk * CHUNK
+    first = j0 // CHUNK * CHUNK  # chunk start of copy j0
+    w = first + tl.arange(0, CHUNK)
+    window = _copy_keys(idx_ptr, w, num_copies, start, num_experts)
+    earlier = (w[None, :] < j[:, None]) & (w[None, :] >= chunk_start[:, None]) & (window[None, :] == key[:, None])
+    own_start = tl.maximum(chunk_start, first + CHUNK)
+    own = (j[None, :] < j[:, None]) & (j[None, :] >= own_start[:, None]) & (key[None, :] == key[:, None])
+    before = tl.load(prefix_ptr + chunk * num_experts + key, mask=in_range, other=0)
+    before += tl.sum(earlier.to(tl.int32), axis=1) + tl.sum(own.to(tl.int32), axis=1)
+
+    if DROP_PAD:
+        row = tl.where(in_range & (before < capacity), key.to(tl.int64) * capacity + before, -1)
+    else:
+        rank = tl.load(offsets_ptr + key, mask=in_range, other=0) + before
+        row = tl.where(in_range & (rank < num_rows), rank, -1)
+        if SCATTER_IDX:
+            # order[rank] = j for in-range copies; positions past the in-range total are -1 (each written once).
+            tl.store(scatter_idx_ptr + rank, j, mask=_both(in_range, LEAD))
+            past = live & (j >= tl.load(total_ptr))
+            tl.store(scatter_idx_ptr + j, tl.full([BLOCK_K], -1, tl.int32), mask=_both(past, LEAD))
+    tl.store(row_of_copy_ptr + j, row.to(tl.int32), mask=live)
+
+
+@triton.jit
 def _rank_kernel(
     idx_ptr,
     prefix_ptr,
@@ -260,21 +318,24 @@ def _rank_kernel(
     num_rows,
     capacity,
     CHUNK: tl.constexpr,
-    SUB: tl.constexpr,
+    BLOCK: tl.constexpr,
     DROP_PAD: tl.constexpr,
     SCATTER_IDX: tl.constexpr,
 ):
+    """Rows of BLOCK copies per program, for data kernels that do not rank their own copies (`_ranks_inline`). Same
+    ranks as `_write_copy_rows`, walking the earlier BLOCK-copy blocks of the chunk with `[BLOCK, BLOCK]` compares:
+    H200, 131k copies: 10 us, against 29 for one `[BLOCK, CHUNK]` window compare per program."""
     pid = tl.program_id(0)
-    lane = tl.arange(0, SUB)
-    j = pid * SUB + lane
+    lane = tl.arange(0, BLOCK)
+    j = pid * BLOCK + lane
     live = j < num_copies
     key = _copy_keys(idx_ptr, j, num_copies, start, num_experts)
     in_range = key < num_experts
 
-    # Same-key copies before j: earlier chunks (scanned histogram), earlier SUB blocks of this chunk, earlier lanes.
-    chunk = (pid * SUB) // CHUNK
+    # Same-key copies before j: earlier chunks (scanned histogram), earlier blocks of this chunk, earlier lanes.
+    chunk = (pid * BLOCK) // CHUNK
     before = tl.load(prefix_ptr + chunk * num_experts + key, mask=in_range, other=0)
-    for s0 in range(chunk * CHUNK, pid * SUB, SUB):
+    for s0 in range(chunk * CHUNK, pid * BLOCK, BLOCK):
         other = _copy_keys(idx_ptr, s0 + lane, num_copies, start, num_experts)
         before += tl.sum((key[:, None] == other[None, :]).to(tl.int32), axis=1)
     before += tl.sum(((key[:, None] == key[None, :]) & (lane[None, :] < lane[:, None])).to(tl.int32), axis=1)
@@ -285,9 +346,8 @@ def _rank_kernel(
         rank = tl.load(offsets_ptr + key, mask=in_range, other=0) + before
         row = tl.where(in_range & (rank < num_rows), rank, -1)
         if SCATTER_IDX:
-            # order[rank] = j for in-range copies; positions past the in-range total are -1 (each written once).
             tl.store(scatter_idx_ptr + rank, j, mask=in_range)
-            tl.store(scatter_idx_ptr + j, tl.full([SUB], -1, tl.int32), mask=live & (j >= tl.load(total_ptr)))
+            tl.store(scatter_idx_ptr + j, tl.full([BLOCK], -1, tl.int32), mask=live & (j >= tl.load(total_ptr)))
     tl.store(row_of_copy_ptr + j, row.to(tl.int32), mask=live)
 
 
@@ -316,13 +376,21 @@ def _zero_tail_rows(
 @triton.jit
 def _expand_kernel(
     x_ptr,
+    idx_ptr,
+    prefix_ptr,
+    offsets_ptr,
+    total_ptr,
     row_of_copy_ptr,
+    scatter_idx_ptr,
     out_ptr,
     scale_ptr,
     offset_ptr,
     scale_out_ptr,
-    total_ptr,
+    num_copies,
+    start,
+    num_experts,
     num_rows,
+    capacity,
     H,
     K,
     scale_stride,
@@ -331,16 +399,44 @@ def _expand_kernel(
     TOKEN_SCALE: tl.constexpr,
     ZERO_TAIL: tl.constexpr,
     EXACT: tl.constexpr,
+    RANK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DROP_PAD: tl.constexpr,
+    SCATTER_IDX: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    # Token-major: the block of x is read once and stored to each of the token's K rows.
+    # Token-major: the block of x is read once and stored to each of the token's K rows. Every column block of a
+    # token ranks its copies (the same rows); block 0 writes the scatter form.
     t = tl.program_id(0)
     hb = tl.program_id(1)
     cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
+    v = tl.load(x_ptr + t.to(tl.int64) * H + cols, mask=col_ok)
+    if RANK:
+        _write_copy_rows(
+            idx_ptr,
+            prefix_ptr,
+            offsets_ptr,
+            total_ptr,
+            row_of_copy_ptr,
+            scatter_idx_ptr,
+            t * K,
+            K,
+            num_copies,
+            start,
+            num_experts,
+            num_rows,
+            capacity,
+            hb == 0,
+            CHUNK,
+            BLOCK_K,
+            DROP_PAD,
+            SCATTER_IDX,
+        )
+        tl.debug_barrier()  # the rows, stored by some threads, are loaded by all below
     if ZERO_TAIL:
         _zero_tail_rows(out_ptr, scale_out_ptr, total_ptr, num_rows, t, K, H, cols, 1, hb == 0, BLOCK_H)
-    v = tl.load(x_ptr + t.to(tl.int64) * H + cols, mask=col_ok)
     if STATIC_QUANT:
         s = tl.load(scale_ptr + cols * scale_stride, mask=col_ok, other=0).to(tl.float32)
         o = tl.load(offset_ptr + cols * offset_stride, mask=col_ok, other=0).to(tl.float32)
@@ -361,28 +457,61 @@ def _expand_kernel(
 def _dynamic_quant_kernel(
     x_ptr,
     idx_ptr,
+    prefix_ptr,
+    offsets_ptr,
+    total_ptr,
     row_of_copy_ptr,
+    scatter_idx_ptr,
     smooth_ptr,
     out_ptr,
     scale_out_ptr,
-    total_ptr,
+    num_copies,
+    start,
+    num_experts,
     num_rows,
+    capacity,
     H,
     K,
-    start,
     SMOOTH: tl.constexpr,
     ONE_TILE: tl.constexpr,
     ZERO_TAIL: tl.constexpr,
     FAST: tl.constexpr,
+    RANK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DROP_PAD: tl.constexpr,
+    SCATTER_IDX: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0)
     x_row = x_ptr + t.to(tl.int64) * H
     cols = tl.arange(0, BLOCK_H)
-    if ZERO_TAIL:
-        _zero_tail_rows(out_ptr, scale_out_ptr, total_ptr, num_rows, t, K, H, cols, H, True, BLOCK_H)
     if ONE_TILE:
         xf = tl.load(x_row + cols, mask=cols < H, other=0).to(tl.float32)
+    if RANK:
+        _write_copy_rows(
+            idx_ptr,
+            prefix_ptr,
+            offsets_ptr,
+            total_ptr,
+            row_of_copy_ptr,
+            scatter_idx_ptr,
+            t * K,
+            K,
+            num_copies,
+            start,
+            num_experts,
+            num_rows,
+            capacity,
+            True,
+            CHUNK,
+            BLOCK_K,
+            DROP_PAD,
+            SCATTER_IDX,
+        )
+        tl.debug_barrier()  # the rows, stored by some threads, are loaded by all below
+    if ZERO_TAIL:
+        _zero_tail_rows(out_ptr, scale_out_ptr, total_ptr, num_rows, t, K, H, cols, H, True, BLOCK_H)
     if SMOOTH != 2:
         # One quantisation per token, stored to all K rows.
         if ONE_TILE:
@@ -457,16 +586,14 @@ def _zero_rows_kernel(
     num_rows,
     H,
     capacity,
-    MODE: tl.constexpr,  # 0: rows >= info[0]; 1: drop/pad slots past count info[expert]; 2: rows with info[r] == 0
+    MODE: tl.constexpr,  # 1: drop/pad slots past count info[expert]; 2: rows with info[r] == 0
     HAS_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = r < num_rows
-    if MODE == 0:
-        empty = live & (r >= tl.load(info_ptr))
-    elif MODE == 1:
+    if MODE == 1:
         empty = live & (r % capacity >= tl.load(info_ptr + r // capacity, mask=live, other=0))
     else:
         empty = live & (tl.load(info_ptr + r, mask=live, other=1) == 0)
@@ -485,13 +612,32 @@ def _zero_rows_kernel(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _route(expert_idx, start, end, num_rows, capacity, expert_num, drop_pad, scatter_idx, count_kind):
-    """Launches 1-3. Returns (row_of_copy int32, expanded_row_idx int32, counts int64 [E'], count output, total)."""
+def _ranks_inline(topk: int) -> bool:
+    """Whether the data kernel ranks its token's copies itself instead of a rank launch. H200, 16k tokens, int8
+    quant (one run): at K = 8 it saves the 10 us launch for ~2 us more in the quantising kernel (dsv3 1.19 -> 1.16x
+    floor, qwen3 1.34 -> 1.25); at K = 2 (Mixtral) the launch costs 4 us and inline ranking 6.5 (1.28 -> 1.32)."""
+    return topk >= 4
+
+
+@dataclass
+class _Route:
+    """What the data kernel needs to rank the copies of its token (launches 1-3 made it)."""
+
+    prefix: torch.Tensor  # [chunks, E'] int32, same-expert copies in earlier chunks
+    offsets: torch.Tensor  # [E'] int32, first row of each expert
+    total: torch.Tensor  # [1] int32, in-range copies
+    row_of_copy: torch.Tensor  # [N*K] int32, written by the data kernel
+    scatter_idx: torch.Tensor  # [N*K] int32 for row_idx_type 1 (written by the data kernel), else a read-only dummy
+    chunk: int
+
+
+def _route(expert_idx, start, end, expert_num, scatter_idx, count_kind):
+    """Launches 1-3. Returns (_Route, expanded_row_idx int32, counts int64 [E'], count output)."""
     device = expert_idx.device
     num_copies = expert_idx.numel()
     num_experts = end - start
     idx = expert_idx
-    chunk = max(_SUB, _CHUNK)
+    chunk = max(_CHUNK, _RANK_BLOCK)
     num_chunks = (num_copies + chunk - 1) // chunk
     block_e = min(next_pow2(num_experts), _MAX_BLOCK_E)
 
@@ -534,24 +680,8 @@ def _route(expert_idx, start, end, num_rows, capacity, expert_num, drop_pad, sca
         BLOCK_E=block_e,
         COUNT_OUT=count_mode,
     )
-    launcher(_rank_kernel, idx)[(triton.cdiv(num_copies, _SUB),)](
-        idx,
-        hist,
-        offsets,
-        total,
-        row_of_copy,
-        expanded_row_idx if scatter_idx else idx,
-        num_copies,
-        start,
-        num_experts,
-        num_rows,
-        max(capacity, 1),
-        CHUNK=chunk,
-        SUB=_SUB,
-        DROP_PAD=drop_pad,
-        SCATTER_IDX=scatter_idx,
-    )
-    return row_of_copy, expanded_row_idx, counts, count_out, total
+    route = _Route(hist, offsets, total, row_of_copy, expanded_row_idx if scatter_idx else idx, chunk)
+    return route, expanded_row_idx, counts, count_out
 
 
 def moe_init_routing_v2(
@@ -596,9 +726,16 @@ def moe_init_routing_v2(
         num_rows = ref.dropless_rows(num_tokens * topk, active_num)
     scatter_idx = not drop_pad and row_idx_type == ref.SCATTER_ROW_IDX
     count_kind = expert_tokens_num_type if expert_tokens_num_flag else ref.COUNT
-    row_of_copy, expanded_row_idx, counts, count_out, total = _route(
-        expert_idx, start, end, num_rows, expert_capacity, expert_num, drop_pad, scatter_idx, count_kind
-    )
+    route, expanded_row_idx, counts, count_out = _route(expert_idx, start, end, expert_num, scatter_idx, count_kind)
+    # The arguments with which the data kernel ranks its token's copies (`_write_copy_rows`).
+    ranking = (expert_idx, route.prefix, route.offsets, route.total, route.row_of_copy, route.scatter_idx)
+    sizes = (expert_idx.numel(), start, end - start, num_rows, max(expert_capacity, 1))
+    rank_flags = dict(CHUNK=route.chunk, BLOCK_K=next_pow2(topk), DROP_PAD=drop_pad, SCATTER_IDX=scatter_idx)
+    rank_flags["RANK"] = _ranks_inline(topk)
+    if not rank_flags["RANK"]:
+        launcher(_rank_kernel, expert_idx)[(triton.cdiv(sizes[0], _RANK_BLOCK),)](
+            *ranking, *sizes, CHUNK=route.chunk, BLOCK=_RANK_BLOCK, DROP_PAD=drop_pad, SCATTER_IDX=scatter_idx
+        )  # (route.chunk is a multiple of _RANK_BLOCK: the walk starts at a chunk start)
     if not expert_tokens_num_flag:
         count_out = counts.new_empty((0,))
 
@@ -620,16 +757,14 @@ def moe_init_routing_v2(
         block_h = next_pow2(hidden) if one_tile else min(_ROW_TILE, 2048)
         launcher(_dynamic_quant_kernel, x)[(num_tokens,)](
             x,
-            expert_idx,
-            row_of_copy,
+            *ranking,
             smooth,
             expanded_x,
             expanded_scale,
-            total,
-            num_rows,
+            *sizes,
             hidden,
             topk,
-            start,
+            **rank_flags,
             SMOOTH=smooth_mode,
             ONE_TILE=one_tile,
             ZERO_TAIL=not drop_pad,
@@ -647,17 +782,17 @@ def moe_init_routing_v2(
         kernel = _expand_kernel
         launcher(kernel, x)[(num_tokens, triton.cdiv(hidden, block_h))](
             x,
-            row_of_copy,
+            *ranking,
             expanded_x,
             scale_in,
             offset_in,
             expanded_scale,
-            total,
-            num_rows,
+            *sizes,
             hidden,
             topk,
             scale_stride,
             offset_stride,
+            **rank_flags,
             STATIC_QUANT=static,
             TOKEN_SCALE=token_scale,
             ZERO_TAIL=not drop_pad,
