@@ -6,6 +6,8 @@ pointwise ops fused under max-autotune). Skipped without a GPU (CI); run through
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,11 +59,15 @@ def _assert_close(actual, expected, dtype):
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs max |ref| {scale:.3g}"
 
 
-@pytest.fixture(params=["dispatch", "triton"])
+@pytest.fixture(params=["dispatch", "triton", "triton-pointers"])
 def path(request, monkeypatch):
-    """Each test runs as users get it (bf16 on sm90 -> torch._grouped_mm) and with our Triton kernel forced."""
-    if request.param == "triton":
+    """Each test runs as users get it (bf16 on sm90 -> torch._grouped_mm), with our Triton kernel forced (TMA loads
+    on sm90 where the layout allows, or pointer loads where the autotuner prefers them), and with our kernel's pointer
+    loads alone."""
+    if request.param != "dispatch":
         monkeypatch.setenv("MOE_INDUCTOR_GMM", "triton")
+    if request.param == "triton-pointers":
+        monkeypatch.setenv("MOE_INDUCTOR_GMM_TMA", "0")
     return request.param
 
 
@@ -177,6 +183,41 @@ def test_max_autotune_fuses_the_epilogue_into_the_grouped_gemm():
     kernels = [line for line in code.splitlines() if line.startswith("def triton_")]
     assert any(k.startswith("def triton_tem_fused") and "mul" in k for k in kernels), kernels
     assert not any(k.startswith("def triton_poi") and "mul" in k for k in kernels), kernels
+
+
+_FRESH_PROCESS_STEP = """
+import os, sys, torch
+os.environ["MOE_INDUCTOR_GMM"] = "triton"
+from moe_inductor import ops
+from moe_inductor.reference.grouped_matmul import gmm as reference
+torch.manual_seed(0)
+counts = torch.tensor([300, 0, 1, 130, 310, 280, 125, 299], device="cuda")
+x = (torch.randn(int(counts.sum()) + 7, 512, device="cuda") * 0.5).bfloat16().requires_grad_()
+w = (torch.randn(8, 512, 384, device="cuda") / 512**0.5).bfloat16().requires_grad_()
+def f(gmm, x, w):
+    return torch.nn.functional.silu(gmm(x, w)) * 2
+ours = torch.compile(lambda x, w: f(lambda a, b: ops.gmm_v2(a, b, group_list=counts), x, w), backend=sys.argv[1])
+y = ours(x, w)
+dx, dw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+y32 = f(lambda a, b: reference(a, b, None, counts.cpu(), 0, False), x32, w32)
+ex, ew = torch.autograd.grad(y32, (x32, w32), torch.ones_like(y32))
+for a, e in ((y, y32), (dx, ex), (dw, ew)):
+    err = (a.float() - e).abs().max().item()
+    assert err <= 2e-2 * e.abs().max().item(), err
+"""
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compiled_backward_in_a_fresh_process(backend):
+    """Forward and backward compiled with our kernels forced, in a process where no eager gmm ran before: the TMA
+    descriptors our kernels make on the device need Triton's allocator in the thread that launches them, and autograd
+    runs the backward in a thread of its own (Inductor sets the allocator before its launches; our pre-run hook does
+    for launches through the kernel itself, as aot_eager's)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS_STEP, backend], capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def test_gradcheck_float64():

@@ -2,8 +2,10 @@
 
 On CPU the kernels run in Triton's interpreter with 16x16x16 tiles and 3 persistent programs (see
 kernels/grouped_matmul.py), so the small shapes here cross tile, K-step and group boundaries, and every program walks
-several groups. Outputs are poisoned before the kernel writes them (tests/poison.py): an unwritten element or a write
-past the end fails. On a GPU the same comparisons run at BENCH.md expert shapes (test_gmm_cuda_matches_loop).
+several groups. The split-M, split-K and bad-group-list tests run twice (`loads`): with pointer loads, and with TMA
+tensor descriptors forced on in the interpreter (a 16-row tail tile on split M). Outputs are poisoned before the
+kernel writes them (tests/poison.py): an unwritten element or a write past the end fails. On a GPU the same
+comparisons run at BENCH.md expert shapes (test_gmm_cuda_matches_loop).
 """
 
 from __future__ import annotations
@@ -42,16 +44,28 @@ def _group_list(sizes, cumulative):
     return torch.tensor(_ends(sizes) if cumulative else sizes, dtype=torch.int64)
 
 
+@pytest.fixture(params=["pointers", "tma"])
+def loads(request, monkeypatch):
+    """Pointer loads (19 x 23 K and N: no 16-byte aligned strides, so never TMA), or TMA tensor descriptors forced
+    on in the interpreter with 24 x 40 (aligned strides; a partial K step and a partial column tile all the same)."""
+    if request.param == "tma":
+        monkeypatch.setenv("MOE_INDUCTOR_GMM_TMA", "1")
+        return request.param, 24, 40
+    return request.param, 19, 23
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sizes,M", SPLIT_M)
 @pytest.mark.parametrize("transposed", [False, True], ids=["w_gkn", "w_gnk_view"])
 @pytest.mark.parametrize("cumulative", [True, False], ids=["ends", "counts"])
-def test_split_m(monkeypatch, sizes, M, dtype, transposed, cumulative):
+def test_split_m(monkeypatch, loads, sizes, M, dtype, transposed, cumulative):
     module, poisoned = interpreted_module("moe_inductor.kernels.grouped_matmul", monkeypatch)
-    G, K, N = len(sizes), 19, 23  # K: one full and one partial 16-step; N: two column tiles
+    G = len(sizes)
+    mode, K, N = loads  # K: one full and one partial 16-step; N: two or three column tiles, the last partial
     x = rand(M, K, dtype=dtype, seed=1)
     w = rand(G, N, K, dtype=dtype, seed=2).transpose(1, 2) if transposed else rand(G, K, N, dtype=dtype, seed=2)
+    assert (module._tma_layout(x, w, 0) is not None) == (mode == "tma")
     bias_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     bias = rand(G, N, dtype=bias_dtype, seed=3)
     for b in (None, bias):
@@ -68,15 +82,19 @@ def test_split_m(monkeypatch, sizes, M, dtype, transposed, cumulative):
 @pytest.mark.parametrize(
     "sizes", [pytest.param([4, 0, 23, 1], id="empty_one_and_multi_step"), pytest.param([0, 7], id="leading_empty")]
 )
-def test_split_k(monkeypatch, sizes, dtype, cumulative):
+def test_split_k(monkeypatch, loads, sizes, dtype, cumulative):
     module, poisoned = interpreted_module("moe_inductor.kernels.grouped_matmul", monkeypatch)
+    mode = loads[0]
+    M, N = (21, 18) if mode == "pointers" else (24, 40)  # TMA: 16-byte aligned rows of x_t and w
     Ktot = sum(sizes) + 3  # columns past the last group are ignored
-    x, w = rand(21, Ktot, dtype=dtype, seed=4), rand(Ktot, 18, dtype=dtype, seed=5)
-    # x as the backward passes it: a transposed view (the contraction axis is the token axis)
-    x_t = rand(Ktot, 21, dtype=dtype, seed=4).t()
+    x, w = rand(M, Ktot, dtype=dtype, seed=4), rand(Ktot, N, dtype=dtype, seed=5)
+    # x as the backward passes it: a transposed view (the contraction axis is the token axis); only it can use TMA
+    x_t = rand(Ktot, M, dtype=dtype, seed=4).t()
+    assert module._tma_layout(x, w, 2) is None
+    assert (module._tma_layout(x_t, w, 2) is not None) == (mode == "tma")
     for a in (x, x_t):
         y = module.gmm(a, w, None, _group_list(sizes, cumulative), 2, cumulative)
-        assert y.shape == (len(sizes), 21, 18)
+        assert y.shape == (len(sizes), M, N)
         torch.testing.assert_close(y.double(), gmm_loop(a, w, None, _ends(sizes), 2), **TOL[dtype])
         for g, n in enumerate(sizes):
             if n == 0:
@@ -107,11 +125,14 @@ def test_bias_grad(monkeypatch, cumulative):
         pytest.param([4, 1, 999], 2, [4, 4, 20], id="split_k_past_K"),
     ],
 )
-def test_bad_group_list_never_writes_out_of_bounds(monkeypatch, group_list, group_type, clamped):
+def test_bad_group_list_never_writes_out_of_bounds(monkeypatch, loads, group_list, group_type, clamped):
     """group_list is validated on CPU only (checking it on a GPU is a sync): the kernel clamps instead."""
     module, poisoned = interpreted_module("moe_inductor.kernels.grouped_matmul", monkeypatch)
-    x = rand(12, 20, seed=7)
-    w = rand(3, 20, 5, seed=8) if group_type == 0 else rand(20, 5, seed=8)
+    tma = loads[0] == "tma"
+    N = 8 if tma else 5  # TMA: 16-byte aligned weight rows; split K takes x as the transposed view that TMA reads
+    x = rand(20, 12, seed=7).t() if tma and group_type == 2 else rand(12, 20, seed=7)
+    w = rand(3, 20, N, seed=8) if group_type == 0 else rand(20, N, seed=8)
+    assert (module._tma_layout(x, w, group_type) is not None) == tma
     y = module.gmm(x, w, None, torch.tensor(group_list), group_type, True)
     assert torch.isfinite(y).all()  # every element written
     poisoned.check_guards()

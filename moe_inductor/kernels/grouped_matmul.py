@@ -1,9 +1,9 @@
 """Triton grouped matmul (gmm / gmm_v2, SPEC §5); the functions of `moe_inductor.reference.grouped_matmul`.
 
-One persistent kernel per group type. `NUM_SMS` programs walk the groups in order, reading each group's bounds from
-`group_list` on the device (cumulative ends, or counts summed as they go: both cost the same), and take every
-`NUM_SMS`-th (group, tile) pair. No tile map is built on the host and nothing is synchronised; a group's tile count
-comes from its size, so empty groups cost one scalar load.
+One persistent kernel per group type. `NUM_SMS` (times `CTAS_PER_SM`) programs walk the groups in order, reading
+each group's bounds from `group_list` on the device (cumulative ends, or counts summed as they go: both cost the
+same), and take every program-count-th (group, tile) pair. No tile map is built on the host and nothing is
+synchronised; a group's tile count comes from its size, so empty groups cost one scalar load.
 
 * split M (group_type 0): `y[rows_g] = x[rows_g] @ weight[g] (+ bias[g])`. The rows past the last group form one
   more "group" whose tiles store zeros, so `y` needs no zero-fill. Within a group, tiles are ordered in bands of
@@ -15,18 +15,38 @@ comes from its size, so empty groups cost one scalar load.
 into `x` on the device, so a bad `group_list` (validated on CPU only: checking it on a GPU is a sync) gives wrong
 numbers, never an out-of-bounds access. Row, group and output offsets are int64.
 
+Loads. On sm90+, where the layout allows it (unit last stride, 16-byte aligned bases and strides: `_tma_layout`),
+tiles are loaded with TMA through tensor descriptors made on the device: x as `[M, K]`, the weight as one 3-D
+descriptor (the `[G, N, K]` underneath a transposed view: `W_T`), split K one descriptor per group over its K rows.
+TMA zero-fills past the tensor's bounds; a split-M tile's rows past its group's end are the next group's, computed
+and never stored. The autotuner picks per shape between TMA and pointer-load configs (`_configs`): at ~128 rows per
+group (DeepSeek-V3 with 4k tokens, H200) TMA 64 x 256 tiles run the forward at 1.16-1.26x the memory floor where
+pointer loads ran at 1.45-1.53x; for dx (the transposed weight) the two are within run-to-run noise. Descriptors
+made on the device take scratch from Triton's allocator, a context variable: a pre-run hook sets it before each
+launch of our kernels (autograd launches the backward from its own thread), and Inductor sets it before the launches
+it emits (where it does not, `_inductor_sets_allocator`, traced calls keep to pointer loads). Under TRITON_INTERPRET
+the kernels use pointer loads unless `MOE_INDUCTOR_GMM_TMA=1` (CPU tests run both); `MOE_INDUCTOR_GMM_TMA=0` turns
+TMA off on the GPU.
+
+A split-M config may take a tail (`TAIL_M`): a group's last row tile then covers up to `BLOCK_M + TAIL_M` rows with
+two accumulators fed by one weight tile, instead of a second, mostly empty `BLOCK_M`-row tile that reads the weight
+columns again.
+
 Where `torch._grouped_mm` is faster we call it instead (`_use_torch_grouped_mm`): bf16 on sm90, without bias, for
-split K and for split M with 256+ rows per group, NVIDIA's CUTLASS grouped GEMM (TMA, warp-specialised wgmma) beats
-our pointer-based kernel; with smaller groups ours is faster. It leaves rows past the last group and empty split-K
-groups unwritten, which `_zero_unwritten` zeroes at the cost of a launch. Under torch.compile that call is an
-`aten._grouped_mm` node; under max-autotune Inductor lowers it with its own grouped-GEMM template (timed against
-CUTLASS), and the pointwise ops after it (activation, the zeroing, a scale by probs) fuse into the GEMM's epilogue.
+split K (the DeepSeek-V3 weight gradient at ~128 rows per group, a few K steps per tile: 6.8 ms against our 8.4 on
+the H200) and for split M with 256+ rows per group (measured against our pointer-load kernel, before TMA), NVIDIA's
+CUTLASS grouped GEMM (TMA, warp-specialised wgmma) beats our kernel; with smaller groups ours is faster. It leaves
+rows past the last group and empty split-K groups unwritten, which `_zero_unwritten` zeroes at the cost of a launch.
+Under torch.compile that call is an `aten._grouped_mm` node; under max-autotune Inductor lowers it with its own
+grouped-GEMM template (timed against CUTLASS), and the pointwise ops after it (activation, the zeroing, a scale by
+probs) fuse into the GEMM's epilogue.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -43,29 +63,56 @@ __all__ = ["bias_grad", "gmm", "group_ends", "group_of_rows"]
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(fp32: bool) -> list[triton.Config]:
-    if _INTERPRETING:  # small tiles so that CPU tests cross tile and group boundaries
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
+def _config(m, n, k, stages, warps, tma=False, tail=0, ctas=1, group_m=8) -> triton.Config:
+    meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group_m, TAIL_M=tail, CTAS_PER_SM=ctas, TMA=tma)
+    return triton.Config(meta, num_stages=stages, num_warps=warps)
+
+
+def _configs(split_m: bool, fp32: bool, tma: bool) -> list[triton.Config]:
+    """Autotuning candidates. With `tma` (the layout allows TMA loads, `_tma_layout`) they hold TMA and pointer-load
+    configs both, so that the autotuner also picks between the two per shape."""
+    if _INTERPRETING:
+        # Small tiles so that CPU tests cross tile and group boundaries; with TMA, a tail tile too.
+        return [_config(16, 16, 16, 1, 1, tma=tma, tail=16 if tma and split_m else 0, group_m=2)]
     bk = 32 if fp32 else 64
-    shapes = [
-        # (BLOCK_M, BLOCK_N, stages, warps): big tiles for large groups, 64-row tiles for ~128-row groups
-        (128, 256, 3, 8),
-        (128, 128, 4, 8),
-        (128, 128, 4, 4),
-        (64, 256, 4, 8),
-        (64, 128, 4, 4),
-        (128, 64, 4, 4),
+    pointers = [
+        _config(m, n, bk, s, w)
+        for m, n, s, w in [
+            # (BLOCK_M, BLOCK_N, stages, warps): big tiles for large groups, 64-row tiles for ~128-row groups
+            (128, 256, 3, 8),
+            (128, 128, 4, 8),
+            (128, 128, 4, 4),
+            (64, 256, 4, 8),
+            (64, 128, 4, 4),
+            (128, 64, 4, 4),
+        ]
     ]
+    if not tma:
+        return pointers
+    if split_m:
+        # H200, DeepSeek-V3 experts at ~128 rows per group (K 7168, N 4096, bf16), two sweeps: TMA 64 x 256 tiles
+        # 4.34-4.67 ms (floor 3.72), 128 x 256 with a 32-row tail 4.36-4.45, 128 x 256 4.75-4.91, 128 x 128 5.69;
+        # pointer loads at best 5.38-5.71 (128 x 256). Column tiles of 256 halve the re-reads of x from L2 and stream
+        # 512-byte weight rows; 64-row tiles and tails waste less of a group's last row tile. For dx (the transposed
+        # weight) TMA 64 x 256 and pointer-load 128 x 256 take turns: 4.56 vs 4.82 ms in one run, 5.08 vs 4.85 in
+        # the other.
+        return [
+            _config(64, 256, bk, 4, 4, tma=True),
+            _config(64, 256, bk, 4, 8, tma=True, tail=64),
+            _config(128, 256, bk, 3, 8, tma=True, tail=32),
+            _config(128, 256, bk, 4, 8, tma=True),
+            pointers[0],
+            pointers[3],
+        ]
+    # Split K at ~128 rows per group is a few K steps per tile: two programs per SM overlap one's loads with the
+    # other's stores (H200 DeepSeek-V3 dW: 8.4 ms with TMA and 2 programs/SM, 8.6-9.0 with one; pointer loads at
+    # best 10.1; torch._grouped_mm, which bf16 on sm90 dispatches to, 6.7-6.8).
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for m, n, s, w in shapes
+        _config(128, 128, bk, 3, 8, tma=True, ctas=2),
+        _config(128, 256, 32, 4, 8, tma=True),
+        _config(128, 256, bk, 3, 8, tma=True),
+        pointers[0],
     ]
-
-
-def _autotuned(kernel, fp32: bool):
-    # Keyed on the static sizes of a call (N, K and the group count): the shape class. Never on M, which is the
-    # token count and varies from step to step.
-    return triton.autotune(configs=_configs(fp32), key=["N", "K", "G"])(kernel)
 
 
 @triton.jit
@@ -130,6 +177,90 @@ def _matmul_tile(
     return acc
 
 
+@triton.jit
+def _w_tile(w_desc, g, k0, col0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, W_T: tl.constexpr):
+    """`weight[g, k0:k0+BLOCK_K, col0:col0+BLOCK_N]` through the 3-D weight descriptor (zeros past K and N)."""
+    if W_T:  # weight is a transposed view: its descriptor is over the contiguous [G, N, K] underneath
+        b = w_desc.load([g, col0, k0]).reshape(BLOCK_N, BLOCK_K).T
+    else:
+        b = w_desc.load([g, k0, col0]).reshape(BLOCK_K, BLOCK_N)
+    return b
+
+
+@triton.jit
+def _tma_tile(
+    x_desc,
+    w_desc,
+    g,
+    row0,
+    col0,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    W_T: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """fp32 `x[row0:row0+BLOCK_M] @ weight[g][:, col0:col0+BLOCK_N]` with TMA loads. Rows past the group's end
+    are the next group's (or zeros past M): the caller masks them out of the store."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([row0, k0])
+        b = _w_tile(w_desc, g, k0, col0, BLOCK_K, BLOCK_N, W_T)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _tma_tile_and_tail(
+    x_desc,
+    t_desc,
+    w_desc,
+    g,
+    row0,
+    col0,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TAIL_M: tl.constexpr,
+    W_T: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """`_tma_tile` for BLOCK_M rows plus the TAIL_M rows after them, sharing each weight tile between the two dots:
+    a group of BLOCK_M < rows <= BLOCK_M + TAIL_M reads its weight columns once and computes TAIL_M extra rows
+    instead of a second BLOCK_M-row tile."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tail = tl.zeros((TAIL_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([row0, k0])
+        t = t_desc.load([row0 + BLOCK_M, k0])
+        b = _w_tile(w_desc, g, k0, col0, BLOCK_K, BLOCK_N, W_T)
+        if UPCAST:
+            a = a.to(tl.float32)
+            t = t.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        tail = tl.dot(t, b, tail, input_precision=PRECISION)
+    return acc, tail
+
+
+@triton.jit
+def _store_rows(
+    y_ptr, acc, rows, cols, end, N, stride_ym, stride_yn, bias_ptr, g, stride_bg, stride_bn, HAS_BIAS: tl.constexpr
+):
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + _i64(g) * stride_bg + cols * stride_bn, mask=cols < N, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    out = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rows < end)[:, None] & (cols < N)[None, :])
+
+
 def _split_m_kernel(
     x_ptr,
     w_ptr,
@@ -154,11 +285,26 @@ def _split_m_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     NUM_SMS: tl.constexpr,
+    TMA: tl.constexpr,
+    W_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    TAIL_M: tl.constexpr,
+    CTAS_PER_SM: tl.constexpr,
 ):
+    if TMA:
+        # Descriptors made on the device (global scratch from triton.set_allocator), so that block shapes follow
+        # the autotuned config. x and the weight need a unit last stride and 16-byte aligned bases and strides
+        # (checked on the host, `_tma_layout`).
+        x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+        if W_T:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [G, N, K], [stride_wg, stride_wn, 1], [1, BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [G, K, N], [stride_wg, stride_wk, 1], [1, BLOCK_K, BLOCK_N])
+        if TAIL_M > 0:
+            t_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [TAIL_M, BLOCK_K])
     tiles_n = tl.cdiv(N, BLOCK_N)
     tile = tl.program_id(0).to(tl.int64)  # the next (group, tile) pair of this program, in the global order
     first = tl.zeros((), dtype=tl.int64)  # global index of the current group's first tile
@@ -169,42 +315,66 @@ def _split_m_kernel(
             end = _group_end(groups_ptr, g, start, M, CUMULATIVE)
         else:
             end = tl.zeros((), dtype=tl.int64) + M  # (M may arrive as a constexpr 1)
-        tiles_m = tl.cdiv(end - start, BLOCK_M)
+        rows_g = end - start
+        if TAIL_M > 0 and g < G:
+            # The last row tile of a group takes up to TAIL_M more rows (`_tma_tile_and_tail`).
+            tiles_m = tl.where(rows_g > 0, tl.cdiv(tl.maximum(rows_g - TAIL_M, 1), BLOCK_M), 0)
+        else:
+            tiles_m = tl.cdiv(rows_g, BLOCK_M)
         count = tiles_m * tiles_n
         while tile < first + count:
             tm, tn = _tile_coords(tile - first, tiles_m, tiles_n, GROUP_M)
-            rows = start + tm * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+            row0 = start + tm * BLOCK_M
+            rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
             cols = tn * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-            row_ok = rows < end
-            col_ok = cols < N
             if g < G:
-                acc = _matmul_tile(
-                    x_ptr,
-                    w_ptr + _i64(g) * stride_wg,  # G * K * N can pass 2**31
-                    rows,
-                    cols,
-                    0,
-                    K,
-                    stride_xm,
-                    stride_xk,
-                    stride_wk,
-                    stride_wn,
-                    row_ok,
-                    col_ok,
-                    BLOCK_M,
-                    BLOCK_N,
-                    BLOCK_K,
-                    PRECISION,
-                    UPCAST,
+                if TMA:
+                    r0 = row0.to(tl.int32)
+                    c0 = (tn * BLOCK_N).to(tl.int32)
+                    if TAIL_M > 0:
+                        if end - row0 > BLOCK_M:
+                            acc, tail = _tma_tile_and_tail(
+                                x_desc, t_desc, w_desc, g, r0, c0, K,
+                                BLOCK_M, BLOCK_N, BLOCK_K, TAIL_M, W_T, PRECISION, UPCAST,
+                            )  # fmt: skip
+                            tail_rows = row0 + BLOCK_M + tl.arange(0, TAIL_M).to(tl.int64)
+                            _store_rows(
+                                y_ptr, tail, tail_rows, cols, end, N, stride_ym, stride_yn,
+                                bias_ptr, g, stride_bg, stride_bn, HAS_BIAS,
+                            )  # fmt: skip
+                        else:
+                            acc = _tma_tile(
+                                x_desc, w_desc, g, r0, c0, K, BLOCK_M, BLOCK_N, BLOCK_K, W_T, PRECISION, UPCAST
+                            )
+                    else:
+                        acc = _tma_tile(x_desc, w_desc, g, r0, c0, K, BLOCK_M, BLOCK_N, BLOCK_K, W_T, PRECISION, UPCAST)
+                else:
+                    acc = _matmul_tile(
+                        x_ptr,
+                        w_ptr + _i64(g) * stride_wg,  # G * K * N can pass 2**31
+                        rows,
+                        cols,
+                        0,
+                        K,
+                        stride_xm,
+                        stride_xk,
+                        stride_wk,
+                        stride_wn,
+                        rows < end,
+                        cols < N,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                        PRECISION,
+                        UPCAST,
+                    )
+                _store_rows(
+                    y_ptr, acc, rows, cols, end, N, stride_ym, stride_yn, bias_ptr, g, stride_bg, stride_bn, HAS_BIAS
                 )
-                if HAS_BIAS:
-                    b = tl.load(bias_ptr + _i64(g) * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
-                    acc += b.to(tl.float32)[None, :]
             else:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            out = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-            tile += NUM_SMS
+                zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                _store_rows(y_ptr, zeros, rows, cols, end, N, stride_ym, stride_yn, bias_ptr, g, 0, 0, False)
+            tile += NUM_SMS * CTAS_PER_SM
         first += count
         start = end
 
@@ -229,10 +399,14 @@ def _split_k_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     NUM_SMS: tl.constexpr,
+    TMA: tl.constexpr,
+    W_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    TAIL_M: tl.constexpr,
+    CTAS_PER_SM: tl.constexpr,
 ):
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -242,6 +416,17 @@ def _split_k_kernel(
     start = tl.zeros((), dtype=tl.int64)
     for g in range(0, G):
         end = _group_end(groups_ptr, g, start, K, CUMULATIVE)
+        if TMA:
+            # x is the transposed view [M, K] of a contiguous [K, M] (as the weight gradient passes it) and the
+            # weight [K, N] is contiguous: one descriptor per group over its K rows of each, so that TMA zero-fills
+            # past the group's end (an empty group gets a 1-row descriptor and runs no K step).
+            rows_k = tl.maximum(end - start, 1).to(tl.int32)
+            x_desc = tl.make_tensor_descriptor(
+                x_ptr + start * stride_xk, [rows_k, M], [stride_xk, 1], [BLOCK_K, BLOCK_M]
+            )
+            w_desc = tl.make_tensor_descriptor(
+                w_ptr + start * stride_wk, [rows_k, N], [stride_wk, 1], [BLOCK_K, BLOCK_N]
+            )
         while tile < first + count:
             tm, tn = _tile_coords(tile - first, tiles_m, tiles_n, GROUP_M)
             rows = tm * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -249,36 +434,63 @@ def _split_k_kernel(
             row_ok = rows < M
             col_ok = cols < N
             # An empty group (start == end) runs no K step and stores zeros.
-            acc = _matmul_tile(
-                x_ptr,
-                w_ptr,
-                rows,
-                cols,
-                start,
-                end,
-                stride_xm,
-                stride_xk,
-                stride_wk,
-                stride_wn,
-                row_ok,
-                col_ok,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-                PRECISION,
-                UPCAST,
-            )
+            if TMA:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                r0 = (tm * BLOCK_M).to(tl.int32)
+                c0 = (tn * BLOCK_N).to(tl.int32)
+                for k0 in range(0, (end - start).to(tl.int32), BLOCK_K):
+                    a = x_desc.load([k0, r0]).T
+                    b = w_desc.load([k0, c0])
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            else:
+                acc = _matmul_tile(
+                    x_ptr,
+                    w_ptr,
+                    rows,
+                    cols,
+                    start,
+                    end,
+                    stride_xm,
+                    stride_xk,
+                    stride_wk,
+                    stride_wn,
+                    row_ok,
+                    col_ok,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    PRECISION,
+                    UPCAST,
+                )
             out = y_ptr + _i64(g) * stride_yg + rows[:, None] * stride_ym + cols[None, :] * stride_yn
             tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-            tile += NUM_SMS
+            tile += NUM_SMS * CTAS_PER_SM
         first += count
         start = end
 
 
+def _scratch(size: int, alignment: int, stream):
+    """Global scratch for the tensor descriptors our kernels make on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _set_allocator(*args, **kwargs):
+    # Triton's allocator is a context variable: set it before every launch, in the launching thread (autograd runs
+    # the backward in a thread of its own; a torch.compile graph run by aot_eager launches through here too).
+    triton.set_allocator(_scratch)
+
+
 @functools.cache
-def _kernel(split_m: bool, fp32: bool):
+def _kernel(split_m: bool, fp32: bool, tma: bool):
     fn = triton.jit(_split_m_kernel if split_m else _split_k_kernel)
-    return _autotuned(fn, fp32)
+    if tma and not _INTERPRETING:
+        fn.add_pre_run_hook(_set_allocator)
+    # Keyed on the static sizes of a call (N, K and the group count): the shape class. Never on M, which is the
+    # token count and varies from step to step.
+    return triton.autotune(configs=_configs(split_m, fp32, tma), key=["N", "K", "G", "W_T"])(fn)
 
 
 @functools.cache
@@ -320,8 +532,9 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 #: Below this many rows per group (on average, split M), our kernel beats torch._grouped_mm on the H200: at ~128 rows
-#: (DeepSeek-V3, 4k tokens) 353 vs 295 TFLOP/s, at decode sizes 10 vs 7; at 512+ rows it is the other way round
-#: (489 vs 588). benchmarks/results/gmm-nvidia-h200.json.
+#: (DeepSeek-V3, 4k tokens) 437 vs 292 TFLOP/s forward (TMA loads; 353 vs 295 with pointer loads before), at decode
+#: sizes 10 vs 7; at 512+ rows it was the other way round with pointer loads (489 vs 588; not re-measured with TMA).
+#: benchmarks/results/gmm-nvidia-h200.json.
 SMALL_GROUP_ROWS = 256
 
 
@@ -421,6 +634,57 @@ def _torch_grouped_mm(x, weight, group_list, group_type: int, cumulative: bool) 
     return _zero_unwritten(y, ends, split_k=group_type != SPLIT_M)
 
 
+def _tma_strides_ok(t: torch.Tensor, dims) -> bool:
+    item = t.element_size()
+    return all(t.stride(d) > 0 and (t.stride(d) * item) % 16 == 0 for d in dims) and (
+        _is_traced(t) or t.data_ptr() % 16 == 0  # Inductor allocates 16-byte aligned buffers
+    )
+
+
+@functools.cache
+def _inductor_sets_allocator() -> bool:
+    """Whether Inductor sets Triton's allocator before it launches a kernel (it launches ours itself, without the
+    pre-run hook of `_kernel`). Without it our descriptors made on the device have no scratch: no TMA under
+    torch.compile then."""
+    import inspect
+
+    from torch._inductor.runtime import triton_heuristics
+
+    try:
+        return "set_allocator" in inspect.getsource(triton_heuristics.CachingAutotuner.run)
+    except (OSError, TypeError, AttributeError):
+        return False
+
+
+def _tma_layout(x, weight, group_type: int) -> Optional[bool]:
+    """Whether our kernel loads its tiles with TMA (tensor descriptors), and how: None = pointer loads; False =
+    plain weight; True = the weight is a transposed view (`[G, N, K]` underneath, the dx of the backward).
+
+    TMA needs a unit last stride and 16-byte aligned bases and strides. Used on sm90+; `MOE_INDUCTOR_GMM_TMA=0`
+    turns it off, `=1` turns it on in Triton's interpreter too (CPU tests)."""
+    mode = os.environ.get("MOE_INDUCTOR_GMM_TMA", "")
+    if mode == "0" or (_INTERPRETING and mode != "1"):
+        return None
+    if x.numel() == 0 or weight.numel() == 0:
+        return None  # (a descriptor needs sizes of 1 or more)
+    if _is_traced(x) and not _inductor_sets_allocator():
+        return None
+    if not _INTERPRETING and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+    if group_type == SPLIT_M:
+        if x.stride(1) != 1 or not _tma_strides_ok(x, [0]):
+            return None
+        if weight.stride(2) == 1 and _tma_strides_ok(weight, [0, 1]):
+            return False
+        if weight.stride(1) == 1 and _tma_strides_ok(weight, [0, 2]):
+            return True
+        return None
+    # Split K: x as the weight gradient passes it (a transposed view of contiguous rows), weight row-major.
+    if x.stride(0) == 1 and _tma_strides_ok(x, [1]) and weight.stride(1) == 1 and _tma_strides_ok(weight, [0]):
+        return False
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The family's functions
 # ---------------------------------------------------------------------------------------------------------------------
@@ -440,8 +704,16 @@ def gmm(x, weight, bias, group_list, group_type: int, cumulative: bool) -> torch
     if M == 0 or N == 0:
         return y
     num_sms = _num_sms(x.device.index or 0)
-    kernel = launcher(_kernel(group_type == SPLIT_M, x.dtype == torch.float32), x)[(num_sms,)]
-    common = dict(CUMULATIVE=cumulative, PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype), NUM_SMS=num_sms)
+    tma = _tma_layout(x, weight, group_type)
+    kernel = launcher(_kernel(group_type == SPLIT_M, x.dtype == torch.float32, tma is not None), x)
+    kernel = kernel[lambda meta: (num_sms * meta["CTAS_PER_SM"],)]
+    common = dict(
+        CUMULATIVE=cumulative,
+        PRECISION=_precision(x.dtype),
+        UPCAST=_upcast(x.dtype),
+        NUM_SMS=num_sms,
+        W_T=bool(tma),
+    )
     if group_type == SPLIT_M:
         b = bias if bias is not None else y  # never read without HAS_BIAS
         kernel(
