@@ -249,6 +249,40 @@ def _offsets_kernel(
 
 
 @triton.jit
+def _store_copy_rows(
+    key,
+    before,
+    j,
+    live,
+    offsets_ptr,
+    total_ptr,
+    row_of_copy_ptr,
+    scatter_idx_ptr,
+    num_experts,
+    num_rows,
+    capacity,
+    LEAD,
+    DROP_PAD: tl.constexpr,
+    SCATTER_IDX: tl.constexpr,
+):
+    """Row of copies j (key, same-key copies `before` them in the stable order) -> `row_of_copy`: the expert's slot
+    cut at the capacity (drop/pad), else expert offset + before cut at the row count; with SCATTER_IDX also the
+    scatter form, by the LEAD program of the copies."""
+    in_range = key < num_experts
+    if DROP_PAD:
+        row = tl.where(in_range & (before < capacity), key.to(tl.int64) * capacity + before, -1)
+    else:
+        rank = tl.load(offsets_ptr + key, mask=in_range, other=0) + before
+        row = tl.where(in_range & (rank < num_rows), rank, -1)
+        if SCATTER_IDX:
+            # order[rank] = j for in-range copies; positions past the in-range total are -1 (each written once).
+            tl.store(scatter_idx_ptr + rank, j, mask=_both(in_range, LEAD))
+            past = live & (j >= tl.load(total_ptr))
+            tl.store(scatter_idx_ptr + j, tl.full(j.shape, -1, tl.int32), mask=_both(past, LEAD))
+    tl.store(row_of_copy_ptr + j, row.to(tl.int32), mask=live)
+
+
+@triton.jit
 def _write_copy_rows(
     idx_ptr,
     prefix_ptr,
@@ -269,11 +303,11 @@ def _write_copy_rows(
     DROP_PAD: tl.constexpr,
     SCATTER_IDX: tl.constexpr,
 ):
-    """Rows of the `count` copies j0 .. j0+count-1 (a token's K copies, or a block of the rank kernel), stored to
-    `row_of_copy` (and the scatter form when LEAD). The counting-sort rank of a copy is `expert offset + chunk prefix
-    + same-key copies earlier in its chunk`; the last term compares the copy with the keys of the chunk window of
-    copy j0 (at most CHUNK - 1 of them), or, for a copy past that chunk, with the block's own earlier copies. Done
-    by the data kernel itself from K = 4 on (`_ranks_inline`): ~1K compares per token next to moving its row."""
+    """Rows of the `count` copies j0 .. j0+count-1 (a token's K copies), stored to `row_of_copy` (and the scatter
+    form when LEAD). The counting-sort rank of a copy is `expert offset + chunk prefix + same-key copies earlier in
+    its chunk`; the last term compares the copy with the keys of the chunk window of copy j0 (at most CHUNK - 1 of
+    them), or, for a copy past that chunk, with the block's own earlier copies. Done by the data kernel itself from
+    K = 4 on (`_ranks_inline`): ~1K compares per token next to moving its row."""
     k = tl.arange(0, BLOCK_K)
     j = j0 + k
     live = (k < count) & (j < num_copies)
@@ -291,17 +325,22 @@ def _write_copy_rows(
     before = tl.load(prefix_ptr + chunk * num_experts + key, mask=in_range, other=0)
     before += tl.sum(earlier.to(tl.int32), axis=1) + tl.sum(own.to(tl.int32), axis=1)
 
-    if DROP_PAD:
-        row = tl.where(in_range & (before < capacity), key.to(tl.int64) * capacity + before, -1)
-    else:
-        rank = tl.load(offsets_ptr + key, mask=in_range, other=0) + before
-        row = tl.where(in_range & (rank < num_rows), rank, -1)
-        if SCATTER_IDX:
-            # order[rank] = j for in-range copies; positions past the in-range total are -1 (each written once).
-            tl.store(scatter_idx_ptr + rank, j, mask=_both(in_range, LEAD))
-            past = live & (j >= tl.load(total_ptr))
-            tl.store(scatter_idx_ptr + j, tl.full([BLOCK_K], -1, tl.int32), mask=_both(past, LEAD))
-    tl.store(row_of_copy_ptr + j, row.to(tl.int32), mask=live)
+    _store_copy_rows(
+        key,
+        before,
+        j,
+        live,
+        offsets_ptr,
+        total_ptr,
+        row_of_copy_ptr,
+        scatter_idx_ptr,
+        num_experts,
+        num_rows,
+        capacity,
+        LEAD,
+        DROP_PAD,
+        SCATTER_IDX,
+    )
 
 
 @triton.jit
@@ -340,15 +379,22 @@ def _rank_kernel(
         before += tl.sum((key[:, None] == other[None, :]).to(tl.int32), axis=1)
     before += tl.sum(((key[:, None] == key[None, :]) & (lane[None, :] < lane[:, None])).to(tl.int32), axis=1)
 
-    if DROP_PAD:
-        row = tl.where(in_range & (before < capacity), key.to(tl.int64) * capacity + before, -1)
-    else:
-        rank = tl.load(offsets_ptr + key, mask=in_range, other=0) + before
-        row = tl.where(in_range & (rank < num_rows), rank, -1)
-        if SCATTER_IDX:
-            tl.store(scatter_idx_ptr + rank, j, mask=in_range)
-            tl.store(scatter_idx_ptr + j, tl.full([BLOCK], -1, tl.int32), mask=live & (j >= tl.load(total_ptr)))
-    tl.store(row_of_copy_ptr + j, row.to(tl.int32), mask=live)
+    _store_copy_rows(
+        key,
+        before,
+        j,
+        live,
+        offsets_ptr,
+        total_ptr,
+        row_of_copy_ptr,
+        scatter_idx_ptr,
+        num_experts,
+        num_rows,
+        capacity,
+        True,
+        DROP_PAD,
+        SCATTER_IDX,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -730,9 +776,11 @@ def moe_init_routing_v2(
     # The arguments with which the data kernel ranks its token's copies (`_write_copy_rows`).
     ranking = (expert_idx, route.prefix, route.offsets, route.total, route.row_of_copy, route.scatter_idx)
     sizes = (expert_idx.numel(), start, end - start, num_rows, max(expert_capacity, 1))
-    rank_flags = dict(CHUNK=route.chunk, BLOCK_K=next_pow2(topk), DROP_PAD=drop_pad, SCATTER_IDX=scatter_idx)
-    rank_flags["RANK"] = _ranks_inline(topk)
-    if not rank_flags["RANK"]:
+    inline = _ranks_inline(topk)
+    rank_flags = dict(
+        RANK=inline, CHUNK=route.chunk, BLOCK_K=next_pow2(topk), DROP_PAD=drop_pad, SCATTER_IDX=scatter_idx
+    )
+    if not inline:
         launcher(_rank_kernel, expert_idx)[(triton.cdiv(sizes[0], _RANK_BLOCK),)](
             *ranking, *sizes, CHUNK=route.chunk, BLOCK=_RANK_BLOCK, DROP_PAD=drop_pad, SCATTER_IDX=scatter_idx
         )  # (route.chunk is a multiple of _RANK_BLOCK: the walk starts at a chunk start)
@@ -804,8 +852,6 @@ def moe_init_routing_v2(
     if drop_pad:
         # Slots past each expert's count received no copy (dropless tail rows were zeroed by the kernel above).
         _zero_rows(expanded_x, expanded_scale, counts, _ZERO_EMPTY_SLOTS, max(expert_capacity, 1))
-
-    if drop_pad:
         expanded_x = expanded_x.view(end - start, expert_capacity, hidden)
     return expanded_x, expanded_row_idx, count_out, expanded_scale
 
