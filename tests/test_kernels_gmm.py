@@ -163,3 +163,21 @@ def test_zero_unwritten(split_k):
     else:
         expected[41:] = 0
     assert torch.equal(y, expected)
+
+
+def test_autotuning_key_tells_small_groups_from_large_ones():
+    """DeepSeek-V3 at 4k and at 16k tokens share N, K and the group count but not their best tiles: the autotuning
+    key holds the rows per group in powers of two, read from the size hint (no guard) of a symbolic token count."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    symbol = env.create_symbol(32768, ConstantSource("M"), dynamic_dim=DimDynamic.DYNAMIC)
+    traced = env.create_symintnode(symbol, hint=32768)
+    assert kernels._rows_class(traced, 256) == 128 and not env.guards
+    assert kernels._rows_class(131072, 256) == 512
+    assert kernels._rows_class(32769, 256) == 256  # 128.004 rows: the next power of two
+    assert [kernels._rows_class(m, 8) for m in (0, 8, 10**7)] == [64, 64, 4096]  # clamped at both ends
+    assert kernels._rows_class(env.create_unbacked_symint(), 256) == 0  # no hint: one class of its own
+    for split_m in (True, False):
+        assert "ROWS_CLASS" in kernels._kernel(split_m, False, False).keys

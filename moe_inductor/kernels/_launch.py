@@ -28,5 +28,12 @@ def launcher(kernel, like: torch.Tensor):
     return kernel
 
 
+def size_hint(n) -> int | None:
+    """A size's example value without guarding on it (None for data-dependent sizes): for tuning choices only."""
+    if isinstance(n, int):
+        return n
+    return n.node.hint if n.node.has_hint() else None
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

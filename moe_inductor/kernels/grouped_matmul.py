@@ -34,8 +34,8 @@ columns again.
 
 Where `torch._grouped_mm` is faster we call it instead (`_use_torch_grouped_mm`): bf16 on sm90, without bias, for
 split K (the DeepSeek-V3 weight gradient at ~128 rows per group, a few K steps per tile: 6.8 ms against our 8.4 on
-the H200) and for split M with 256+ rows per group (measured against our pointer-load kernel, before TMA), NVIDIA's
-CUTLASS grouped GEMM (TMA, warp-specialised wgmma) beats our kernel; with smaller groups ours is faster. It leaves
+the H200) NVIDIA's CUTLASS grouped GEMM (TMA, warp-specialised wgmma) beats our kernel; for split M with 256+ rows
+per group the two trade places from run to run (`SMALL_GROUP_ROWS`); with smaller groups ours is faster. It leaves
 rows past the last group and empty split-K groups unwritten, which `_zero_unwritten` zeroes at the cost of a launch.
 Under torch.compile that call is an `aten._grouped_mm` node; under max-autotune Inductor lowers it with its own
 grouped-GEMM template (timed against CUTLASS), and the pointwise ops after it (activation, the zeroing, a scale by
@@ -56,7 +56,7 @@ from ..reference.grouped_matmul import SPLIT_M, group_ends, group_of_rows
 from ..reference.grouped_matmul import bias_grad as _reference_bias_grad
 from ..reference.grouped_matmul import gmm as _reference_gmm
 from ._launch import _traced as _is_traced
-from ._launch import launcher, next_pow2
+from ._launch import launcher, next_pow2, size_hint
 
 __all__ = ["bias_grad", "gmm", "group_ends", "group_of_rows"]
 
@@ -271,6 +271,7 @@ def _split_m_kernel(
     N,
     K,
     G,
+    ROWS_CLASS,  # autotuning key only (`_rows_class`)
     stride_xm,
     stride_xk,
     stride_wg,
@@ -388,6 +389,7 @@ def _split_k_kernel(
     N,
     K,
     G,
+    ROWS_CLASS,  # autotuning key only (`_rows_class`)
     stride_xm,
     stride_xk,
     stride_wk,
@@ -488,9 +490,19 @@ def _kernel(split_m: bool, fp32: bool, tma: bool):
     fn = triton.jit(_split_m_kernel if split_m else _split_k_kernel)
     if tma and not _INTERPRETING:
         fn.add_pre_run_hook(_set_allocator)
-    # Keyed on the static sizes of a call (N, K and the group count): the shape class. Never on M, which is the
-    # token count and varies from step to step.
-    return triton.autotune(configs=_configs(split_m, fp32, tma), key=["N", "K", "G", "W_T"])(fn)
+    # Keyed on the shape class: the static sizes of a call (N, K, the group count) and the rows per group in powers
+    # of two. Never on M itself, the token count, which varies from step to step.
+    return triton.autotune(configs=_configs(split_m, fp32, tma), key=["N", "K", "G", "W_T", "ROWS_CLASS"])(fn)
+
+
+def _rows_class(num_rows, num_groups: int) -> int:
+    """Average rows per group, rounded up to a power of two in [64, 4096]: the best tiles at ~128 rows per group
+    (DeepSeek-V3 with 4k tokens) are not those at 512 (16k tokens) with the same N, K and G. Read from the size
+    hint, without a guard, so a changing token count neither recompiles nor re-tunes within its class."""
+    rows = size_hint(num_rows)
+    if rows is None:
+        return 0
+    return min(max(next_pow2(-(-rows // max(num_groups, 1))), 64), 4096)
 
 
 @functools.cache
@@ -532,8 +544,10 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 #: Below this many rows per group (on average, split M), our kernel beats torch._grouped_mm on the H200: at ~128 rows
-#: (DeepSeek-V3, 4k tokens) 437 vs 292 TFLOP/s forward (TMA loads; 353 vs 295 with pointer loads before), at decode
-#: sizes 10 vs 7; at 512+ rows it was the other way round with pointer loads (489 vs 588; not re-measured with TMA).
+#: (DeepSeek-V3, 4k tokens) 413-437 vs 285-292 TFLOP/s forward with TMA loads, at decode sizes 10 vs 7. From 512 rows
+#: on, the two are within run-to-run noise with TMA loads (forward / dx, ms, one run: 512 rows x 32 groups 1.69 vs
+#: 1.48 / 1.68 vs 1.76, x 256 groups 13.5 vs 14.2 / 13.7 vs 14.4, 1024 rows 1.55 vs 1.43 / 1.56 vs 1.48, 4096 rows
+#: 12.3 vs 12.1 / 11.7 vs 11.7; another run put ours 3-6% ahead at 512 rows): CUTLASS keeps them.
 #: benchmarks/results/gmm-nvidia-h200.json.
 SMALL_GROUP_ROWS = 256
 
@@ -707,6 +721,7 @@ def gmm(x, weight, bias, group_list, group_type: int, cumulative: bool) -> torch
     tma = _tma_layout(x, weight, group_type)
     kernel = launcher(_kernel(group_type == SPLIT_M, x.dtype == torch.float32, tma is not None), x)
     kernel = kernel[lambda meta: (num_sms * meta["CTAS_PER_SM"],)]
+    rows_class = _rows_class(M, G)
     common = dict(
         CUMULATIVE=cumulative,
         PRECISION=_precision(x.dtype),
@@ -726,6 +741,7 @@ def gmm(x, weight, bias, group_list, group_type: int, cumulative: bool) -> torch
             N,
             K,
             G,
+            rows_class,
             x.stride(0),
             x.stride(1),
             weight.stride(0),
@@ -748,6 +764,7 @@ def gmm(x, weight, bias, group_list, group_type: int, cumulative: bool) -> torch
             N,
             K,
             G,
+            rows_class,
             x.stride(0),
             x.stride(1),
             weight.stride(0),

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..reference import permutation as ref
 from ..reference._rows import acc_dtype, gather_rows, valid_rows
-from ._launch import launcher, next_pow2
+from ._launch import launcher, next_pow2, size_hint
 
 _INT32_MAX = 2**31 - 1
 
@@ -528,19 +528,12 @@ def _chunk_tokens(num_experts: int) -> int:
     return max(1, min(64, 4096 // next_pow2(num_experts)))
 
 
-def _hint(n) -> Optional[int]:
-    """A size's example value without guarding on it (None for data-dependent sizes): for tuning choices only."""
-    if isinstance(n, int):
-        return n
-    return n.node.hint if n.node.has_hint() else None
-
-
 def list_width(num_rows, num_tokens, num_experts) -> int:
     """Rows per token the compact list holds: the average (K for a top-k routing), a power of two, at most 16.
 
     A tuning choice only (tokens with more rows are finished from the dense map), so it reads size hints and adds
     no guard: a compiled graph does not recompile when T or the row count changes."""
-    rows, tokens = _hint(num_rows), _hint(num_tokens)
+    rows, tokens = size_hint(num_rows), size_hint(num_tokens)
     per_token = 8 if rows is None or tokens is None else -(-rows // max(tokens, 1))
     return max(1, min(16, next_pow2(per_token), next_pow2(num_experts)))
 
