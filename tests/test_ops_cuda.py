@@ -69,3 +69,16 @@ def test_cuda_compiled_matches_cpu(op_name, sample, dynamic):
     torch._dynamo.reset()
     compiled = torch.compile(lambda *a: op(*a), fullgraph=True, dynamic=dynamic)
     _compare(_run(compiled, _to(sample.args, "cuda")), _run(op, _to(sample.args, "cpu")))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("op_name,sample", ALL, ids=[f"{op}-{s.name}" for op, s in ALL])
+def test_second_gpu_while_the_first_is_current(op_name, sample):
+    """Triton launches on the current device: the ops must switch to their tensors' device (and stream)."""
+    op = OPS[op_name]
+    with torch.cuda.device(0):
+        on_second = _run(op, _to(sample.args, "cuda:1"))
+        torch.cuda.synchronize(1)
+    for t in on_second[0]:
+        assert t.device == torch.device("cuda", 1)
+    _compare(on_second, _run(op, _to(sample.args, "cpu")))
