@@ -545,9 +545,9 @@ def _aligned(t: torch.Tensor) -> bool:
 
 #: Below this many rows per group (on average, split M), our kernel beats torch._grouped_mm on the H200: at ~128 rows
 #: (DeepSeek-V3, 4k tokens) 413-437 vs 285-292 TFLOP/s forward with TMA loads, at decode sizes 10 vs 7. From 512 rows
-#: on, the two are within run-to-run noise with TMA loads (forward / dx, ms, one run: 512 rows x 32 groups 1.69 vs
-#: 1.48 / 1.68 vs 1.76, x 256 groups 13.5 vs 14.2 / 13.7 vs 14.4, 1024 rows 1.55 vs 1.43 / 1.56 vs 1.48, 4096 rows
-#: 12.3 vs 12.1 / 11.7 vs 11.7; another run put ours 3-6% ahead at 512 rows): CUTLASS keeps them.
+#: on, the two are within run-to-run noise with TMA loads (ms, ours vs CUTLASS, forward / dx, one run: 512 rows x 32
+#: groups 1.69 vs 1.48 / 1.68 vs 1.76, x 256 groups 13.5 vs 14.2 / 13.7 vs 14.4, 1024 rows 1.55 vs 1.43 / 1.56 vs
+#: 1.48, 4096 rows 12.3 vs 12.1 / 11.7 vs 11.7; another run put ours 3-6% ahead at 512 rows): CUTLASS keeps them.
 #: benchmarks/results/gmm-nvidia-h200.json.
 SMALL_GROUP_ROWS = 256
 
