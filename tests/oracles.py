@@ -178,6 +178,14 @@ def finalize_loop(expanded, skip1, skip2, bias, scales, row_idx, expert_for_sour
     return out
 
 
+#: gmm against `gmm_loop`: fp32 accumulation over K, one rounding to the output dtype.
+GMM_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
 def gmm_loop(x, weight, bias, ends, group_type):
     """float64 per-group loop; `ends` are cumulative end offsets (a list of ints)."""
     x64, w64 = x.double(), weight.double()

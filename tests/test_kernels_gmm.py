@@ -15,17 +15,12 @@ import itertools
 import pytest
 import torch
 
+from oracles import GMM_TOL as TOL
 from oracles import gmm_loop
 from poison import interpreted_module
 from samples import rand
 
 kernels = pytest.importorskip("moe_inductor.kernels.grouped_matmul")
-
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
 
 SPLIT_M = [
     pytest.param([5, 0, 17, 1, 9], 37, id="empty_and_one_row_groups_tail_rows"),

@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from moe_inductor import ops
+from oracles import GMM_TOL as TOL
 from oracles import gmm_loop
 from samples import rand
-
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
 
 SIZES = [
     pytest.param([5, 0, 11, 1, 9], 37, id="empty_group_one_row_group_tail_rows"),
