@@ -120,6 +120,38 @@ def test_split_k(path, dtype):
     assert not y[int((counts == 0).nonzero()[0])].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_split_k_candidate(dtype, monkeypatch):
+    """Each autotuning candidate of split K on its own (the autotuner runs only the fastest): TMA and pointer loads,
+    TMA stores whole and in column halves, a partial column tile (N = 1000) that the TMA store clips."""
+    import triton
+
+    from moe_inductor.kernels import grouped_matmul as kernels
+
+    monkeypatch.setenv("MOE_INDUCTOR_GMM", "triton")
+    counts = _counts(16, 300, seed=4).cuda()
+    x_rows = torch.randn(int(counts.sum()) + 5, 640, device="cuda").to(dtype)
+    dy = torch.randn(x_rows.shape[0], 1000, device="cuda").to(dtype)
+    assert kernels._tma_layout(x_rows.t(), dy, 2) is not None
+    expected = _loop(x_rows.t(), dy, None, counts, 2)
+    candidates = kernels._configs(False, dtype == torch.float32, True)
+    ran = []
+    try:
+        for config in candidates:
+            monkeypatch.setattr(kernels, "_configs", lambda *args, config=config: [config])
+            kernels._kernel.cache_clear()
+            try:
+                y = ops.gmm_v2(x_rows.t(), dy, group_list=counts, group_type=2)
+            except triton.runtime.errors.OutOfResources:
+                continue  # too much shared memory for this dtype: the autotuner skips it the same way
+            _assert_close(y, expected, dtype)
+            ran.append(config.kwargs)
+    finally:
+        kernels._kernel.cache_clear()
+    assert any(c["STORE_TMA"] and c["STORE_SPLIT"] == 2 for c in ran), ran
+    assert any(not c["STORE_TMA"] for c in ran), ran
+
+
 def test_large_offsets(path):
     """Weight offsets past 2**31 elements: 3 groups of 32768 x 32768 (bf16, 6 GiB), the last group's rows used."""
     G, K, N = 3, 32768, 32768

@@ -19,7 +19,8 @@ Loads. On sm90+, where the layout allows it (unit last stride, 16-byte aligned b
 tiles are loaded with TMA through tensor descriptors made on the device: x as `[M, K]`, the weight as one 3-D
 descriptor (the `[G, N, K]` underneath a transposed view: `W_T`), split K one descriptor per group over its K rows.
 TMA zero-fills past the tensor's bounds; a split-M tile's rows past its group's end are the next group's, computed
-and never stored. The autotuner picks per shape between TMA and pointer-load configs (`_configs`): at ~128 rows per
+and never stored. Split K may also store its tiles with TMA (`STORE_TMA`, y as one `[G, M, N]` descriptor that clips
+at M and N): the store is asynchronous, so the next tile's loads and dots overlap it. The autotuner picks per shape between TMA and pointer-load configs (`_configs`): at ~128 rows per
 group (DeepSeek-V3 with 4k tokens, H200) TMA 64 x 256 tiles run the forward at 1.16-1.26x the memory floor where
 pointer loads ran at 1.45-1.53x; for dx (the transposed weight) the two are within run-to-run noise. Descriptors
 made on the device take scratch from Triton's allocator, a context variable: a pre-run hook sets it before each
@@ -33,8 +34,8 @@ two accumulators fed by one weight tile, instead of a second, mostly empty `BLOC
 columns again.
 
 Where `torch._grouped_mm` is faster we call it instead (`_use_torch_grouped_mm`): bf16 on sm90, without bias, for
-split K (the DeepSeek-V3 weight gradient at ~128 rows per group, a few K steps per tile: 6.8 ms against our 8.4 on
-the H200) NVIDIA's CUTLASS grouped GEMM (TMA, warp-specialised wgmma) beats our kernel; for split M with 256+ rows
+split K (the DeepSeek-V3 weight gradient at ~128 rows per group, a few K steps per tile: 6.7-6.9 ms against our 7.4
+with TMA stores on the H200) NVIDIA's CUTLASS grouped GEMM (TMA, warp-specialised wgmma) beats our kernel; for split M with 256+ rows
 per group the two trade places from run to run (`SMALL_GROUP_ROWS`); with smaller groups ours is faster. It leaves
 rows past the last group and empty split-K groups unwritten, which `_zero_unwritten` zeroes at the cost of a launch.
 Under torch.compile that call is an `aten._grouped_mm` node; under max-autotune Inductor lowers it with its own
@@ -63,54 +64,78 @@ __all__ = ["bias_grad", "gmm", "group_ends", "group_of_rows"]
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(m, n, k, stages, warps, tma=False, tail=0, ctas=1, group_m=8) -> triton.Config:
-    meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group_m, TAIL_M=tail, CTAS_PER_SM=ctas, TMA=tma)
+def _config(m, n, k, stages, warps, tma=False, tail=0, ctas=1, group_m=8, **split_k) -> triton.Config:
+    """One autotuning candidate; `split_k` holds the split-K kernel's own entries (STORE_TMA, STORE_SPLIT)."""
+    meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group_m, TAIL_M=tail, CTAS_PER_SM=ctas, TMA=tma, **split_k)
     return triton.Config(meta, num_stages=stages, num_warps=warps)
+
+
+def _k_config(m, n, k, stages, warps, tma=False, ctas=1, store=0) -> triton.Config:
+    """A split-K candidate: `store` 0 stores the tile with pointers, 1 with one TMA store, 2 with two (column
+    halves: half the shared-memory staging buffer)."""
+    return _config(m, n, k, stages, warps, tma=tma, ctas=ctas, STORE_TMA=store > 0, STORE_SPLIT=max(store, 1))
 
 
 def _configs(split_m: bool, fp32: bool, tma: bool) -> list[triton.Config]:
     """Autotuning candidates. With `tma` (the layout allows TMA loads, `_tma_layout`) they hold TMA and pointer-load
     configs both, so that the autotuner also picks between the two per shape."""
     if _INTERPRETING:
-        # Small tiles so that CPU tests cross tile and group boundaries; with TMA, a tail tile too.
-        return [_config(16, 16, 16, 1, 1, tma=tma, tail=16 if tma and split_m else 0, group_m=2)]
+        # Small tiles so that CPU tests cross tile and group boundaries; with TMA, a tail tile (split M) or TMA stores
+        # in two column halves (split K) too.
+        if split_m:
+            return [_config(16, 16, 16, 1, 1, tma=tma, tail=16 if tma else 0, group_m=2)]
+        return [_k_config(16, 16, 16, 1, 1, tma=tma, store=2 if tma else 0)]
     bk = 32 if fp32 else 64
-    pointers = [
-        _config(m, n, bk, s, w)
-        for m, n, s, w in [
-            # (BLOCK_M, BLOCK_N, stages, warps): big tiles for large groups, 64-row tiles for ~128-row groups
-            (128, 256, 3, 8),
-            (128, 128, 4, 8),
-            (128, 128, 4, 4),
-            (64, 256, 4, 8),
-            (64, 128, 4, 4),
-            (128, 64, 4, 4),
-        ]
-    ]
+    pointers = [_config(m, n, bk, s, w) for m, n, s, w in _POINTER_TILES]
+    if not split_m:
+        return _split_k_configs(bk, tma)
     if not tma:
         return pointers
-    if split_m:
-        # H200, DeepSeek-V3 experts at ~128 rows per group (K 7168, N 4096, bf16), two sweeps: TMA 64 x 256 tiles
-        # 4.34-4.67 ms (floor 3.72), 128 x 256 with a 32-row tail 4.36-4.45, 128 x 256 4.75-4.91, 128 x 128 5.69;
-        # pointer loads at best 5.38-5.71 (128 x 256). Column tiles of 256 halve the re-reads of x from L2 and stream
-        # 512-byte weight rows; 64-row tiles and tails waste less of a group's last row tile. For dx (the transposed
-        # weight) TMA 64 x 256 and pointer-load 128 x 256 take turns: 4.56 vs 4.82 ms in one run, 5.08 vs 4.85 in
-        # the other.
-        return [
-            _config(64, 256, bk, 4, 4, tma=True),
-            _config(64, 256, bk, 4, 8, tma=True, tail=64),
-            _config(128, 256, bk, 3, 8, tma=True, tail=32),
-            _config(128, 256, bk, 4, 8, tma=True),
-            pointers[0],
-            pointers[3],
-        ]
-    # Split K at ~128 rows per group is a few K steps per tile: two programs per SM overlap one's loads with the
-    # other's stores (H200 DeepSeek-V3 dW: 8.4 ms with TMA and 2 programs/SM, 8.6-9.0 with one; pointer loads at
-    # best 10.1; torch._grouped_mm, which bf16 on sm90 dispatches to, 6.7-6.8).
+    # H200, DeepSeek-V3 experts at ~128 rows per group (K 7168, N 4096, bf16), two sweeps: TMA 64 x 256 tiles
+    # 4.34-4.67 ms (floor 3.72), 128 x 256 with a 32-row tail 4.36-4.45, 128 x 256 4.75-4.91, 128 x 128 5.69;
+    # pointer loads at best 5.38-5.71 (128 x 256). Column tiles of 256 halve the re-reads of x from L2 and stream
+    # 512-byte weight rows; 64-row tiles and tails waste less of a group's last row tile. For dx (the transposed
+    # weight) TMA 64 x 256 and pointer-load 128 x 256 take turns: 4.56 vs 4.82 ms in one run, 5.08 vs 4.85 in
+    # the other.
     return [
-        _config(128, 128, bk, 3, 8, tma=True, ctas=2),
-        _config(128, 256, 32, 4, 8, tma=True),
-        _config(128, 256, bk, 3, 8, tma=True),
+        _config(64, 256, bk, 4, 4, tma=True),
+        _config(64, 256, bk, 4, 8, tma=True, tail=64),
+        _config(128, 256, bk, 3, 8, tma=True, tail=32),
+        _config(128, 256, bk, 4, 8, tma=True),
+        pointers[0],
+        pointers[3],
+    ]
+
+
+# (BLOCK_M, BLOCK_N, stages, warps) of the pointer-load candidates: big tiles for large groups, 64-row tiles for
+# ~128-row groups.
+_POINTER_TILES = [
+    (128, 256, 3, 8),
+    (128, 128, 4, 8),
+    (128, 128, 4, 4),
+    (64, 256, 4, 8),
+    (64, 128, 4, 4),
+    (128, 64, 4, 4),
+]
+
+
+def _split_k_configs(bk: int, tma: bool) -> list[triton.Config]:
+    pointers = [_k_config(m, n, bk, s, w) for m, n, s, w in _POINTER_TILES]
+    if not tma:
+        return pointers
+    # Split K at ~128 rows per group is a few K steps per tile, then a [BLOCK_M, BLOCK_N] store: the stores must
+    # overlap the next tile's loads and dots. TMA stores do (asynchronous, the wait deferred to the next tile's
+    # store), and so do two programs per SM. H200 DeepSeek-V3 dW (~128 rows x 256 groups, 7168 x 4096, bf16, one
+    # sweep): TMA loads + pointer stores 8.3-8.5 ms (2 programs/SM, 128 x 128); TMA stores 7.4 (128 x 256, BLOCK_K
+    # 32), 7.7 (128 x 256 in two halves), 7.9 (128 x 128, 2 programs/SM, halves); memory floor 3.7;
+    # torch._grouped_mm, which bf16 on sm90 dispatches to, 6.7-6.9. With 512 rows x 32 groups: TMA stores 1.94 ms,
+    # pointer stores 1.90-2.07, torch._grouped_mm 1.64.
+    return [
+        _k_config(128, 256, 32, 4, 8, tma=True, store=1),
+        _k_config(128, 256, bk, 3, 8, tma=True, store=2),
+        _k_config(128, 128, bk, 3, 4, tma=True, ctas=2, store=2),
+        _k_config(128, 128, bk, 3, 8, tma=True, ctas=2),
+        _k_config(128, 256, bk, 3, 8, tma=True),
         pointers[0],
     ]
 
@@ -409,7 +434,15 @@ def _split_k_kernel(
     GROUP_M: tl.constexpr,
     TAIL_M: tl.constexpr,
     CTAS_PER_SM: tl.constexpr,
+    Y_TMA: tl.constexpr,  # y takes TMA stores: 16-byte aligned base and strides
+    STORE_TMA: tl.constexpr,
+    STORE_SPLIT: tl.constexpr,
 ):
+    tma_store: tl.constexpr = TMA and Y_TMA and STORE_TMA
+    if tma_store:
+        y_desc = tl.make_tensor_descriptor(
+            y_ptr, [G, M, N], [stride_yg, stride_ym, 1], [1, BLOCK_M, BLOCK_N // STORE_SPLIT]
+        )
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     count = tl.zeros((), dtype=tl.int64) + tiles_m * tiles_n  # the same [M, N] grid for every group
@@ -467,8 +500,20 @@ def _split_k_kernel(
                     PRECISION,
                     UPCAST,
                 )
-            out = y_ptr + _i64(g) * stride_yg + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            if tma_store:
+                # Asynchronous: the next tile's loads and dots run while the store drains (TMA clips at M and N).
+                out = acc.to(y_ptr.dtype.element_ty)
+                r0 = (tm * BLOCK_M).to(tl.int32)
+                c0 = (tn * BLOCK_N).to(tl.int32)
+                if STORE_SPLIT == 1:
+                    y_desc.store([g, r0, c0], out.reshape(1, BLOCK_M, BLOCK_N))
+                else:
+                    left, right = out.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+                    y_desc.store([g, r0, c0], left.reshape(1, BLOCK_M, BLOCK_N // 2))
+                    y_desc.store([g, r0, c0 + BLOCK_N // 2], right.reshape(1, BLOCK_M, BLOCK_N // 2))
+            else:
+                out = y_ptr + _i64(g) * stride_yg + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+                tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
             tile += NUM_SMS * CTAS_PER_SM
         first += count
         start = end
@@ -772,6 +817,7 @@ def gmm(x, weight, bias, group_list, group_type: int, cumulative: bool) -> torch
             y.stride(0),
             y.stride(1),
             y.stride(2),
+            Y_TMA=tma is not None and _tma_strides_ok(y, [0, 1]),
             **common,
         )
     return y
