@@ -138,6 +138,34 @@ def test_backend_is_an_entry_point_and_sets_dynamo_settings_in_a_fresh_process()
     assert out.split() == ["True", "1"]  # no import of moe_inductor, settings on, one graph (no break)
 
 
+def test_backend_options_reach_the_backward_compile():
+    """`options` (and `mode`) hold for the backward too, which AOTAutograd compiles at its first run, after the
+    backend has returned: a post-grad pass given as an option sees both graphs."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    from torch._inductor.utils import fresh_cache
+
+    from moe_inductor.backends.inductor import backend
+
+    seen = []
+
+    class Record(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append(graph)
+
+        def uuid(self):
+            return b"record-graphs"
+
+    x = torch.randn(8, requires_grad=True)
+    torch._dynamo.reset()
+    with fresh_cache():  # a cached graph would skip the passes
+        compiled = torch.compile(
+            lambda t: (t.sin() * 2).sum(), backend=backend, options={"post_grad_custom_post_pass": Record()}
+        )
+        compiled(x).backward()
+    assert len(seen) == 2  # forward and backward
+    torch.testing.assert_close(x.grad, 2 * x.detach().cos())
+
+
 def test_enable_disable_restore_config():
     before = torch._inductor.config.pre_grad_custom_pass
     with moe_inductor.enabled():

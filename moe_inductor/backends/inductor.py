@@ -97,8 +97,9 @@ class MoEInductorBackend:
         patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
         patches.update(options or {})
         patches.update(inductor_settings())
-        with torch._inductor.config.patch(patches):
-            return compile_fx(gm, example_inputs)
+        # As config_patches, not a `with` around the call: AOTAutograd compiles the backward at its first run, after
+        # this call has returned, and the patches (the user's mode and options included) must hold for it too.
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     def backend_ctx_ctor(self):  # used by torch._dynamo.optimize(backend) (torch.compile drops it)
         return torch._dynamo.config.patch(DYNAMO_SETTINGS)

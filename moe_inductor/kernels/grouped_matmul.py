@@ -20,14 +20,14 @@ tiles are loaded with TMA through tensor descriptors made on the device: x as `[
 descriptor (the `[G, N, K]` underneath a transposed view: `W_T`), split K one descriptor per group over its K rows.
 TMA zero-fills past the tensor's bounds; a split-M tile's rows past its group's end are the next group's, computed
 and never stored. Split K may also store its tiles with TMA (`STORE_TMA`, y as one `[G, M, N]` descriptor that clips
-at M and N): the store is asynchronous, so the next tile's loads and dots overlap it. The autotuner picks per shape between TMA and pointer-load configs (`_configs`): at ~128 rows per
-group (DeepSeek-V3 with 4k tokens, H200) TMA 64 x 256 tiles run the forward at 1.16-1.26x the memory floor where
-pointer loads ran at 1.45-1.53x; for dx (the transposed weight) the two are within run-to-run noise. Descriptors
-made on the device take scratch from Triton's allocator, a context variable: a pre-run hook sets it before each
-launch of our kernels (autograd launches the backward from its own thread), and Inductor sets it before the launches
-it emits (where it does not, `_inductor_sets_allocator`, traced calls keep to pointer loads). Under TRITON_INTERPRET
-the kernels use pointer loads unless `MOE_INDUCTOR_GMM_TMA=1` (CPU tests run both); `MOE_INDUCTOR_GMM_TMA=0` turns
-TMA off on the GPU.
+at M and N): the store is asynchronous, so the next tile's loads and dots overlap it. The autotuner picks per shape
+between TMA and pointer-load configs (`_configs`): at ~128 rows per group (DeepSeek-V3 with 4k tokens, H200) TMA 64
+x 256 tiles run the forward at 1.16-1.26x the memory floor where pointer loads ran at 1.45-1.53x; for dx (the
+transposed weight) the two are within run-to-run noise. Descriptors made on the device take scratch from Triton's
+allocator, a context variable: a pre-run hook sets it before each launch of our kernels (autograd launches the
+backward from its own thread), and Inductor sets it before the launches it emits (where it does not,
+`_inductor_sets_allocator`, traced calls keep to pointer loads). Under TRITON_INTERPRET the kernels use pointer
+loads unless `MOE_INDUCTOR_GMM_TMA=1` (CPU tests run both); `MOE_INDUCTOR_GMM_TMA=0` turns TMA off on the GPU.
 
 A split-M config may take a tail (`TAIL_M`): a group's last row tile then covers up to `BLOCK_M + TAIL_M` rows with
 two accumulators fed by one weight tile, instead of a second, mostly empty `BLOCK_M`-row tile that reads the weight
@@ -35,12 +35,12 @@ columns again.
 
 Where `torch._grouped_mm` is faster we call it instead (`_use_torch_grouped_mm`): bf16 on sm90, without bias, for
 split K (the DeepSeek-V3 weight gradient at ~128 rows per group, a few K steps per tile: 6.7-6.9 ms against our 7.4
-with TMA stores on the H200) NVIDIA's CUTLASS grouped GEMM (TMA, warp-specialised wgmma) beats our kernel; for split M with 256+ rows
-per group the two trade places from run to run (`SMALL_GROUP_ROWS`); with smaller groups ours is faster. It leaves
-rows past the last group and empty split-K groups unwritten, which `_zero_unwritten` zeroes at the cost of a launch.
-Under torch.compile that call is an `aten._grouped_mm` node; under max-autotune Inductor lowers it with its own
-grouped-GEMM template (timed against CUTLASS), and the pointwise ops after it (activation, the zeroing, a scale by
-probs) fuse into the GEMM's epilogue.
+with TMA stores on the H200) NVIDIA's CUTLASS grouped GEMM (TMA, warp-specialised wgmma) beats our kernel; for split
+M with 256+ rows per group the two trade places from run to run (`SMALL_GROUP_ROWS`); with smaller groups ours is
+faster. It leaves rows past the last group and empty split-K groups unwritten, which `_zero_unwritten` zeroes at the
+cost of a launch. Under torch.compile that call is an `aten._grouped_mm` node; under max-autotune Inductor lowers it
+with its own grouped-GEMM template (timed against CUTLASS), and the pointwise ops after it (activation, the zeroing,
+a scale by probs) fuse into the GEMM's epilogue.
 """
 
 from __future__ import annotations
