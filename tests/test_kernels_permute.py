@@ -168,3 +168,20 @@ def test_tokens_with_more_rows_than_the_compact_list(H):
     want = ref.permute_backward(y, grad_probs, routing_map, y.shape[0], False)
     for a, e in zip(got, want, strict=True):
         _assert_same(a, e, exact=False)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("E", [300, 520])
+def test_more_experts_than_one_count_tile(E):
+    """The per-chunk expert counts take 256 experts per program: 300 and 520 experts span two and three programs."""
+    T, K, H = 37, 5, 16
+    idx, probs = topk_routing(T, E, K, seed=E, skew=True)
+    routing_map = torch.zeros(T, E, dtype=torch.bool).scatter(1, idx, True)
+    probs_map = torch.zeros(T, E).scatter(1, idx, probs)
+    tokens = torch.randn(T, H)
+    got, want = (
+        kernels.permute(tokens, routing_map, probs_map, T * K, False),
+        ref.permute(tokens, routing_map, probs_map, T * K, False),
+    )
+    for a, e in zip(got, want, strict=True):
+        _assert_same(a, e)

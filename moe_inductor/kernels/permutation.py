@@ -510,9 +510,18 @@ def _route_counts(routing_map: torch.Tensor, block_t: int):
     num_chunks = triton.cdiv(num_tokens, block_t)
     counts = torch.empty((num_chunks, num_experts), dtype=torch.int32, device=routing_map.device)
     totals = torch.empty((num_experts,), dtype=torch.int32, device=routing_map.device)
-    block_e = min(64, next_pow2(num_experts))
+    # One warp per [block_t, <=256] tile: the column sums then need no cross-warp reduction through shared memory
+    # (H200, T=16k: 13 -> 2.5 us at E=256, 5.0 -> 2.2 at E=128; 4 and 8 warps were the slowest).
+    block_e = min(256, next_pow2(num_experts))
     launcher(_column_counts, routing_map)[(num_chunks, triton.cdiv(num_experts, block_e))](
-        routing_map, counts, num_tokens, num_experts, *routing_map.stride(), BLOCK_T=block_t, BLOCK_E=block_e
+        routing_map,
+        counts,
+        num_tokens,
+        num_experts,
+        *routing_map.stride(),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        num_warps=1,
     )
     # Few experts per program and many chunks per tile: the scan is latency-bound, so spread it over programs.
     block_e = min(4, next_pow2(num_experts))
