@@ -76,6 +76,18 @@ def _k_config(m, n, k, stages, warps, tma=False, ctas=1, store=0) -> triton.Conf
     return _config(m, n, k, stages, warps, tma=tma, ctas=ctas, STORE_TMA=store > 0, STORE_SPLIT=max(store, 1))
 
 
+# (BLOCK_M, BLOCK_N, stages, warps) of the pointer-load candidates: big tiles for large groups, 64-row tiles for
+# ~128-row groups.
+_POINTER_TILES = [
+    (128, 256, 3, 8),
+    (128, 128, 4, 8),
+    (128, 128, 4, 4),
+    (64, 256, 4, 8),
+    (64, 128, 4, 4),
+    (128, 64, 4, 4),
+]
+
+
 def _configs(split_m: bool, fp32: bool, tma: bool) -> list[triton.Config]:
     """Autotuning candidates. With `tma` (the layout allows TMA loads, `_tma_layout`) they hold TMA and pointer-load
     configs both, so that the autotuner also picks between the two per shape."""
@@ -86,9 +98,9 @@ def _configs(split_m: bool, fp32: bool, tma: bool) -> list[triton.Config]:
             return [_config(16, 16, 16, 1, 1, tma=tma, tail=16 if tma else 0, group_m=2)]
         return [_k_config(16, 16, 16, 1, 1, tma=tma, store=2 if tma else 0)]
     bk = 32 if fp32 else 64
-    pointers = [_config(m, n, bk, s, w) for m, n, s, w in _POINTER_TILES]
     if not split_m:
         return _split_k_configs(bk, tma)
+    pointers = [_config(m, n, bk, s, w) for m, n, s, w in _POINTER_TILES]
     if not tma:
         return pointers
     # H200, DeepSeek-V3 experts at ~128 rows per group (K 7168, N 4096, bf16), two sweeps: TMA 64 x 256 tiles
@@ -105,18 +117,6 @@ def _configs(split_m: bool, fp32: bool, tma: bool) -> list[triton.Config]:
         pointers[0],
         pointers[3],
     ]
-
-
-# (BLOCK_M, BLOCK_N, stages, warps) of the pointer-load candidates: big tiles for large groups, 64-row tiles for
-# ~128-row groups.
-_POINTER_TILES = [
-    (128, 256, 3, 8),
-    (128, 128, 4, 8),
-    (128, 128, 4, 4),
-    (64, 256, 4, 8),
-    (64, 128, 4, 4),
-    (128, 64, 4, 4),
-]
 
 
 def _split_k_configs(bk: int, tma: bool) -> list[triton.Config]:
@@ -468,11 +468,11 @@ def _split_k_kernel(
             cols = tn * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
             row_ok = rows < M
             col_ok = cols < N
+            r0 = (tm * BLOCK_M).to(tl.int32)  # the tile's corner for the TMA loads and stores
+            c0 = (tn * BLOCK_N).to(tl.int32)
             # An empty group (start == end) runs no K step and stores zeros.
             if TMA:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                r0 = (tm * BLOCK_M).to(tl.int32)
-                c0 = (tn * BLOCK_N).to(tl.int32)
                 for k0 in range(0, (end - start).to(tl.int32), BLOCK_K):
                     a = x_desc.load([k0, r0]).T
                     b = w_desc.load([k0, c0])
@@ -503,8 +503,6 @@ def _split_k_kernel(
             if tma_store:
                 # Asynchronous: the next tile's loads and dots run while the store drains (TMA clips at M and N).
                 out = acc.to(y_ptr.dtype.element_ty)
-                r0 = (tm * BLOCK_M).to(tl.int32)
-                c0 = (tn * BLOCK_N).to(tl.int32)
                 if STORE_SPLIT == 1:
                     y_desc.store([g, r0, c0], out.reshape(1, BLOCK_M, BLOCK_N))
                 else:
