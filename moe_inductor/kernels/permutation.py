@@ -539,7 +539,7 @@ def _chunk_tokens(num_tokens, num_experts: int) -> int:
     A tuning choice: read from the size hint, no guard, so a dynamic T does not recompile."""
     cap = max(1, min(64, 4096 // next_pow2(num_experts)))
     tokens = size_hint(num_tokens)
-    return cap if tokens is None else max(1, min(cap, next_pow2(-(-tokens // 256))))
+    return cap if tokens is None else min(cap, next_pow2(-(-tokens // 256)))
 
 
 def list_width(num_rows, num_tokens, num_experts) -> int:
