@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from moe_inductor.backends.inductor import static_launch_settings  # noqa: E402
 from moe_inductor.testing.eager import megatron_permute_masked_select, megatron_unpermute  # noqa: E402
 
 # name: (T, E, K, H, expert I), BENCH.md
@@ -259,6 +260,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"layer-{meta['gpu'].lower().replace(' ', '-')}.json")
     rows = []
+    # The backend has Inductor's compile workers launch our kernels statically; workers read that from the environment
+    # when they start, which the warm-up below does. Setting it first measures what a process gets whose first compile
+    # is ours (the stock variants' kernels are Inductor's own, launched statically either way).
+    meta["static_launch_user_defined_triton_kernels"] = bool(static_launch_settings())
     warm_up_compiler(args.device)
     for name in shapes:
         rows.append(run_shape(name, args.device, torch.bfloat16, variants, warmup, iters))

@@ -60,3 +60,49 @@ def test_cuda_calls_our_triton_kernels_inline():
     for name in ("_multihot", "_column_counts", "_scan_chunks", "_pair_rows", "_dispatch", "_combine"):
         assert name in code, f"kernel {name} missing from Inductor's output"
     FileCheck().check_not("torch.ops.moe_inductor").run(code)
+
+
+_LAUNCHER_SCRIPT = """
+import torch
+from moe_inductor import ops
+
+def route(x, idx, probs):
+    routing_map, probs_map = ops.indices_to_multihot(idx, probs, 6)
+    permuted, permuted_probs, sorted_indices = ops.permute(x, routing_map, probs_map, num_out_tokens=idx.numel())
+    y = torch.nn.functional.silu(permuted) * permuted_probs.unsqueeze(-1)
+    return ops.unpermute(y, sorted_indices, x.shape, probs=probs_map, routing_map=routing_map)
+
+x = torch.randn(19, 24, device="cuda", requires_grad=True)
+probs, idx = torch.randn(19, 6, device="cuda").softmax(-1).topk(2, dim=-1)
+torch.compile(route, backend="moe_inductor")(x, idx, probs).sum().backward()
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_backend_compiles_without_building_triton_launchers(tmp_path):
+    """Triton (3.x) builds a C launcher with gcc for each kernel signature it launches itself; Inductor launches
+    kernels it compiled through its own cubin launcher. The backend has it launch ours so too
+    (`static_launch_settings`), so a cold compile of our ops builds no launcher; opting out builds some."""
+    import os
+    import subprocess
+    import sys
+
+    from moe_inductor.backends.inductor import STATIC_LAUNCH_ENV
+
+    def launchers(preset):
+        env = {k: v for k, v in os.environ.items() if k != STATIC_LAUNCH_ENV}
+        env.update(
+            TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor{preset}"),
+            TRITON_CACHE_DIR=str(tmp_path / f"triton{preset}"),
+        )
+        if preset is not None:
+            env[STATIC_LAUNCH_ENV] = preset
+        subprocess.run([sys.executable, "-c", _LAUNCHER_SCRIPT], env=env, check=True, timeout=600)
+        return sorted(p.name for p in (tmp_path / f"triton{preset}").rglob("*launcher*.so"))
+
+    triton_launched = launchers("0")
+    if not triton_launched:
+        pytest.skip("this Triton builds no per-signature launcher")
+    assert launchers(None) == [], "our kernels were launched through Triton's launcher"

@@ -3,6 +3,7 @@ rewritten into our ops, no graph break, no host sync, results and gradients equa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 from torch.testing import FileCheck
 
 import moe_inductor
+from moe_inductor.backends.inductor import STATIC_LAUNCH_ENV
 from moe_inductor.patterns import rewrite_pass
 from moe_inductor.testing.eager import megatron_permute_masked_select, megatron_unpermute
 from rewrites import compile_and_compare, rewritten_graph
@@ -131,11 +133,30 @@ def test_backend_is_an_entry_point_and_sets_dynamo_settings_in_a_fresh_process()
         "def f(x, m): return p(x, m)[0].sum()\n"
         "x, m = torch.randn(6, 4), torch.rand(6, 3) > 0.5\n"
         "torch.compile(f, backend='moe_inductor')(x, m)\n"
+        "import os\n"
         "print(torch._dynamo.config.capture_dynamic_output_shape_ops, torch._dynamo.utils.counters['stats']"
-        "['unique_graphs'])\n"
+        f"['unique_graphs'], os.environ.get('{STATIC_LAUNCH_ENV}'))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["True", "1"]  # no import of moe_inductor, settings on, one graph (no break)
+    env = {k: v for k, v in os.environ.items() if k != STATIC_LAUNCH_ENV}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env).stdout
+    # No import of moe_inductor, settings on, one graph (no break), and the variable that Inductor's compile workers
+    # read to launch our kernels statically is set for them.
+    assert out.split() == ["True", "1", "1"]
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_backend_launches_our_kernels_statically_unless_opted_out(monkeypatch, preset):
+    from moe_inductor.backends.inductor import static_launch_settings
+
+    if preset is None:
+        monkeypatch.delenv(STATIC_LAUNCH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(STATIC_LAUNCH_ENV, preset)
+    got = static_launch_settings()
+    if preset == "0":
+        assert got == {} and os.environ[STATIC_LAUNCH_ENV] == "0"
+    else:
+        assert got == {"static_launch_user_defined_triton_kernels": True} and os.environ[STATIC_LAUNCH_ENV] == "1"
 
 
 def test_backend_options_reach_the_backward_compile():
@@ -166,13 +187,17 @@ def test_backend_options_reach_the_backward_compile():
     torch.testing.assert_close(x.grad, 2 * x.detach().cos())
 
 
-def test_enable_disable_restore_config():
-    before = torch._inductor.config.pre_grad_custom_pass
-    with moe_inductor.enabled():
-        installed = torch._inductor.config.pre_grad_custom_pass
-        assert installed == rewrite_pass()
-        assert torch._dynamo.config.capture_dynamic_output_shape_ops
-    assert torch._inductor.config.pre_grad_custom_pass is before
+def test_enable_disable_restore_config(monkeypatch):
+    monkeypatch.delenv(STATIC_LAUNCH_ENV, raising=False)  # enable() sets it; monkeypatch restores it afterwards
+    config = torch._inductor.config
+    before = config.pre_grad_custom_pass
+    with config.patch(static_launch_user_defined_triton_kernels=False):
+        with moe_inductor.enabled():
+            assert config.pre_grad_custom_pass == rewrite_pass()
+            assert torch._dynamo.config.capture_dynamic_output_shape_ops
+            assert config.static_launch_user_defined_triton_kernels
+        assert not config.static_launch_user_defined_triton_kernels
+    assert config.pre_grad_custom_pass is before
     with pytest.raises(RuntimeError, match="without a matching enable"):
         moe_inductor.disable()
 
