@@ -47,3 +47,16 @@ def test_gmm_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch):
     assert [(r["case"], r["pass_"]) for r in data["results"]] == [("tiny", "fwd"), ("tiny", "bwd")]
     assert all(r["ours_ms"] > 0 and r["loop_tflops"] > 0 for r in data["results"])
     assert "vs loop" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_host_benchmark_runs_and_writes_json(tmp_path):
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "host.py")
+    cmd = [sys.executable, script, "--shape", "tiny", "--device", "cpu", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    data = json.loads((tmp_path / "host-cpu.json").read_text())
+    assert [r["op"] for r in data["results"]][:2] == ["indices_to_multihot", "permute"]
+    assert all(r["dispatcher_us"] > 0 and r["fast_us"] > 0 for r in data["results"])
+    assert "saved us" in out

@@ -240,12 +240,13 @@ for a, e in ((y, y32), (dx, ex), (dw, ew)):
 """
 
 
-@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager", "moe_inductor"])
 def test_compiled_backward_in_a_fresh_process(backend):
     """Forward and backward compiled with our kernels forced, in a process where no eager gmm ran before: the TMA
     descriptors our kernels make on the device need Triton's allocator in the thread that launches them, and autograd
     runs the backward in a thread of its own (Inductor sets the allocator before its launches; our pre-run hook does
-    for launches through the kernel itself, as aot_eager's)."""
+    for launches through the kernel itself, as aot_eager's). With the moe_inductor backend Inductor launches user
+    kernels statically, except these (global scratch), which must fall back to Triton's launcher."""
     result = subprocess.run(
         [sys.executable, "-c", _FRESH_PROCESS_STEP, backend], capture_output=True, text=True, timeout=240
     )

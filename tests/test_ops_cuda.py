@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe_inductor.ops import OPS
+from moe_inductor.ops._registry import EAGER_OPS
 from samples import all_samples
 
 pytestmark = pytest.mark.gpu
@@ -53,9 +54,14 @@ def _compare(cuda, cpu):
             torch.testing.assert_close(a.cpu(), e, rtol=1e-4, atol=1e-4)
 
 
+# Eager calls through the dispatcher (the op) and through the fast path (`Op`, what the public functions call).
+PATHS = pytest.mark.parametrize("path", [OPS, EAGER_OPS], ids=["dispatcher", "fast"])
+
+
+@PATHS
 @pytest.mark.parametrize("op_name,sample", ALL, ids=[f"{op}-{s.name}" for op, s in ALL])
-def test_cuda_matches_cpu(op_name, sample):
-    op = OPS[op_name]
+def test_cuda_matches_cpu(op_name, sample, path):
+    op = path[op_name]
     _compare(_run(op, _to(sample.args, "cuda")), _run(op, _to(sample.args, "cpu")))
 
 
@@ -72,10 +78,11 @@ def test_cuda_compiled_matches_cpu(op_name, sample, dynamic):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@PATHS
 @pytest.mark.parametrize("op_name,sample", ALL, ids=[f"{op}-{s.name}" for op, s in ALL])
-def test_second_gpu_while_the_first_is_current(op_name, sample):
+def test_second_gpu_while_the_first_is_current(op_name, sample, path):
     """Triton launches on the current device: the ops must switch to their tensors' device (and stream)."""
-    op = OPS[op_name]
+    op = path[op_name]
     with torch.cuda.device(0):
         on_second = _run(op, _to(sample.args, "cuda:1"))
         torch.cuda.synchronize(1)
