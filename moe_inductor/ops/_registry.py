@@ -130,8 +130,9 @@ def _plain_eager(args) -> bool:
 class Op:
     """A `moe_inductor` custom op (`custom_op`, a `CustomOpDef`) with an eager fast path.
 
-    Why: an eager call through the dispatcher and the autograd wrapper of `torch.library` costs more host time than
-    our kernels' launches (H200 host, decode shape: permute 330 us per call, 155 of them the op's body). A call on
+    Why: at small batches an eager call is host-bound, and the dispatcher with `torch.library`'s autograd wrapper adds
+    15-45 us to it (H200 host, decode shape: permute 201 us per call through the dispatcher, 170 directly; see
+    `benchmarks/host.py`). A call on
     plain CPU/CUDA tensors outside any tracing or mode (`_plain_eager`) runs the same body directly, through an
     `autograd.Function` made of the same backward and setup_context when a gradient is needed. Everything else
     (torch.compile, export, fake tensors, functorch, subclasses, NPU tensors) goes through the op, so graphs still
