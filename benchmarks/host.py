@@ -11,7 +11,6 @@ the median of 7 rounds. Compare within a run: host times move by 2x between runs
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench import SHAPES  # noqa: E402
+from bench import SHAPES, run_meta  # noqa: E402
 
 from moe_inductor import ops  # noqa: E402
 from moe_inductor.ops._registry import OPS  # noqa: E402
@@ -91,23 +90,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     T, E, K, H = SHAPES[args.shape]
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = {**run_meta(args.device), "shape": args.shape, "T": T, "E": E, "K": K, "H": H}
     rows = []
     for name, (public, dispatcher) in cases(T, E, K, H, args.device).items():
         through_op, fast = host_us(dispatcher, args.device), host_us(public, args.device)
         rows.append({"op": name, "dispatcher_us": through_op, "fast_us": fast})
-    meta = {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "shape": args.shape,
-        "T": T,
-        "E": E,
-        "K": K,
-        "H": H,
-    }
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"host-{gpu.lower().replace(' ', '-')}.json")
+    path = os.path.join(args.out, f"host-{meta['gpu'].lower().replace(' ', '-')}.json")
     with open(path, "w") as f:
         json.dump({**meta, "results": rows}, f, indent=1)
     print(f"wrote {path}")

@@ -440,3 +440,23 @@ def to_float64(args: tuple) -> tuple:
         return a
 
     return tuple(convert(a) for a in args)
+
+
+def clone_args(args: tuple) -> tuple:
+    """Fresh copies of the tensor arguments (requires_grad kept), so each run gets its own leaves."""
+    return tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def run_with_grads(fn, args: tuple):
+    """`(outputs, grads)`: the outputs as a tuple, and the gradients w.r.t. every input needing one of a fixed random
+    weighting of the float outputs that require grad (empty when there are none)."""
+    out = fn(*args)
+    outs = out if isinstance(out, tuple) else (out,)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    floats = [o for o in outs if o.is_floating_point() and o.requires_grad]
+    grads = []
+    if inputs and floats:
+        gen = torch.Generator().manual_seed(0)
+        loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in floats)
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return outs, grads

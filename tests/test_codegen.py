@@ -7,6 +7,8 @@ count is data-dependent and `gmm` on CPU (host loop in the reference), which sta
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
@@ -62,19 +64,13 @@ def test_cuda_calls_our_triton_kernels_inline():
     FileCheck().check_not("torch.ops.moe_inductor").run(code)
 
 
-_LAUNCHER_SCRIPT = """
-import torch
-from moe_inductor import ops
-
-def route(x, idx, probs):
-    routing_map, probs_map = ops.indices_to_multihot(idx, probs, 6)
-    permuted, permuted_probs, sorted_indices = ops.permute(x, routing_map, probs_map, num_out_tokens=idx.numel())
-    y = torch.nn.functional.silu(permuted) * permuted_probs.unsqueeze(-1)
-    return ops.unpermute(y, sorted_indices, x.shape, probs=probs_map, routing_map=routing_map)
-
-x = torch.randn(19, 24, device="cuda", requires_grad=True)
-probs, idx = torch.randn(19, 6, device="cuda").softmax(-1).topk(2, dim=-1)
-torch.compile(route, backend="moe_inductor")(x, idx, probs).sum().backward()
+_LAUNCHER_SCRIPT = f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from test_codegen import _layer, _route_and_combine
+(x, idx, probs), rows = _layer(device="cuda")
+x.requires_grad_()
+torch.compile(_route_and_combine, backend="moe_inductor")(x, idx, probs, rows).sum().backward()
 torch.cuda.synchronize()
 """
 
@@ -85,7 +81,6 @@ def test_backend_compiles_without_building_triton_launchers(tmp_path):
     """Triton (3.x) builds a C launcher with gcc for each kernel signature it launches itself; Inductor launches
     kernels it compiled through its own cubin launcher. The backend has it launch ours so too
     (`static_launch_settings`), so a cold compile of our ops builds no launcher; opting out builds some."""
-    import os
     import subprocess
     import sys
 

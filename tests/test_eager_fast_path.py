@@ -9,28 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_inductor import ops
 from moe_inductor.ops._registry import EAGER_OPS, OPS
-from samples import all_samples
+from samples import all_samples, clone_args, run_with_grads
 
 ALL = list(all_samples())
 IDS = [f"{op}-{s.name}" for op, s in ALL]
-
-
-def _clone(args):
-    return tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
-
-
-def _run(fn, args):
-    """Outputs and the gradients of a fixed random weighting of the float outputs w.r.t. every input needing one."""
-    out = fn(*args)
-    outs = out if isinstance(out, tuple) else (out,)
-    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    floats = [o for o in outs if o.requires_grad]
-    grads = ()
-    if inputs and floats:
-        gen = torch.Generator().manual_seed(0)
-        loss = sum((o * torch.randn(o.shape, generator=gen).to(o.dtype)).sum() for o in floats)
-        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    return outs, grads
 
 
 class _NoDispatcher:
@@ -40,10 +22,10 @@ class _NoDispatcher:
 
 @pytest.mark.parametrize("op_name,sample", ALL, ids=IDS)
 def test_fast_path_equals_the_op(op_name, sample, monkeypatch):
-    expected = _run(OPS[op_name], _clone(sample.args))
+    expected = run_with_grads(OPS[op_name], clone_args(sample.args))
     fast = EAGER_OPS[op_name]
     monkeypatch.setattr(fast, "custom_op", _NoDispatcher())
-    actual = _run(fast, _clone(sample.args))
+    actual = run_with_grads(fast, clone_args(sample.args))
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)  # the same body: bit for bit
 
 

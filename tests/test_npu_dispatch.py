@@ -21,7 +21,7 @@ from moe_inductor.ops import OPS, _registry
 from moe_inductor.reference import grouped_matmul as gmm_ref
 from npu_standin import torch_npu_standin as standin
 from npu_standin import torchair_standin
-from samples import BUILDERS, all_samples, rand, routing_map, topk_routing
+from samples import BUILDERS, all_samples, clone_args, rand, routing_map, topk_routing
 
 ROUTED = list(all_samples())
 ROUTED_IDS = [f"{op}-{s.name}" for op, s in ROUTED]
@@ -45,10 +45,6 @@ def npu(monkeypatch):
     return Route()
 
 
-def _clone(args):
-    return tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
-
-
 def _tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
@@ -65,7 +61,7 @@ def _assert_same(actual, expected, what=""):
 @pytest.mark.parametrize("op_name,sample", ROUTED, ids=ROUTED_IDS)
 def test_npu_path_equals_reference_forward_and_backward(npu, op_name, sample):
     op = OPS[op_name]
-    ref_args, npu_args = _clone(sample.args), _clone(sample.args)
+    ref_args, npu_args = clone_args(sample.args), clone_args(sample.args)
     expected = _tuple(op(*ref_args))
     with npu:
         actual = _tuple(op(*npu_args))
@@ -97,7 +93,7 @@ def test_fake_kernels_match_npu_outputs(npu, op_name, sample):
     with npu:
         opcheck(
             OPS[op_name],
-            _clone(sample.args),
+            clone_args(sample.args),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
 

@@ -11,7 +11,7 @@ import torch
 
 from moe_inductor.ops import OPS
 from moe_inductor.ops._registry import EAGER_OPS
-from samples import all_samples
+from samples import all_samples, run_with_grads
 
 pytestmark = pytest.mark.gpu
 
@@ -25,19 +25,6 @@ def _to(args, device):
             a = a.detach().to(device).requires_grad_(a.requires_grad)
         out.append(a)
     return tuple(out)
-
-
-def _run(op, args, grad_seed=0):
-    out = op(*args)
-    outs = out if isinstance(out, tuple) else (out,)
-    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    floats = [o for o in outs if o.is_floating_point() and o.requires_grad]
-    grads = []
-    if inputs and floats:
-        gen = torch.Generator().manual_seed(grad_seed)
-        loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in floats)
-        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    return outs, grads
 
 
 def _compare(cuda, cpu):
@@ -62,7 +49,7 @@ PATHS = pytest.mark.parametrize("path", [OPS, EAGER_OPS], ids=["dispatcher", "fa
 @pytest.mark.parametrize("op_name,sample", ALL, ids=[f"{op}-{s.name}" for op, s in ALL])
 def test_cuda_matches_cpu(op_name, sample, path):
     op = path[op_name]
-    _compare(_run(op, _to(sample.args, "cuda")), _run(op, _to(sample.args, "cpu")))
+    _compare(run_with_grads(op, _to(sample.args, "cuda")), run_with_grads(op, _to(sample.args, "cpu")))
 
 
 COMPILE = [(op, s) for op, s in all_samples(compile_only=True)]
@@ -74,7 +61,7 @@ def test_cuda_compiled_matches_cpu(op_name, sample, dynamic):
     op = OPS[op_name]
     torch._dynamo.reset()
     compiled = torch.compile(lambda *a: op(*a), fullgraph=True, dynamic=dynamic)
-    _compare(_run(compiled, _to(sample.args, "cuda")), _run(op, _to(sample.args, "cpu")))
+    _compare(run_with_grads(compiled, _to(sample.args, "cuda")), run_with_grads(op, _to(sample.args, "cpu")))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -84,8 +71,8 @@ def test_second_gpu_while_the_first_is_current(op_name, sample, path):
     """Triton launches on the current device: the ops must switch to their tensors' device (and stream)."""
     op = path[op_name]
     with torch.cuda.device(0):
-        on_second = _run(op, _to(sample.args, "cuda:1"))
+        on_second = run_with_grads(op, _to(sample.args, "cuda:1"))
         torch.cuda.synchronize(1)
     for t in on_second[0]:
         assert t.device == torch.device("cuda", 1)
-    _compare(on_second, _run(op, _to(sample.args, "cpu")))
+    _compare(on_second, run_with_grads(op, _to(sample.args, "cpu")))

@@ -8,7 +8,7 @@ from torch.library import opcheck
 
 import moe_inductor  # noqa: F401  (registers the ops)
 from moe_inductor.ops import OPS
-from samples import BUILDERS, all_samples, to_float64
+from samples import BUILDERS, all_samples, clone_args, to_float64
 
 ALL = list(all_samples())
 IDS = [f"{op}-{s.name}" for op, s in ALL]
@@ -16,10 +16,6 @@ IDS = [f"{op}-{s.name}" for op, s in ALL]
 
 def _differentiable(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-
-
-def _clone(args):
-    return tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _float_outputs(out):
@@ -35,7 +31,7 @@ def test_every_op_has_samples():
 
 @pytest.mark.parametrize("op_name,sample", ALL, ids=IDS)
 def test_opcheck(op_name, sample):
-    opcheck(OPS[op_name], _clone(sample.args))
+    opcheck(OPS[op_name], clone_args(sample.args))
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +48,7 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("op_name,sample", ALL, ids=IDS)
 def test_non_contiguous_inputs(op_name, sample):
     op = OPS[op_name]
-    expected = op(*_clone(sample.args))
+    expected = op(*clone_args(sample.args))
     actual = op(*(_strided(a) if isinstance(a, torch.Tensor) else a for a in sample.args))
     torch.testing.assert_close(actual, expected)  # matmuls may round differently per layout; indices must match
 
@@ -84,7 +80,7 @@ def test_compiled_matches_eager(op_name, sample, dynamic):
     torch._dynamo.reset()
 
     def run(fn):
-        args = _clone(sample.args)
+        args = clone_args(sample.args)
         out = fn(*args)
         inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
         grads = []

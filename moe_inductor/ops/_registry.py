@@ -132,9 +132,9 @@ class Op:
 
     Why: at small batches an eager call is host-bound, and the dispatcher with `torch.library`'s autograd wrapper adds
     15-45 us to it (H200 host, decode shape: permute 201 us per call through the dispatcher, 170 directly; see
-    `benchmarks/host.py`). A call on
-    plain CPU/CUDA tensors outside any tracing or mode (`_plain_eager`) runs the same body directly, through an
-    `autograd.Function` made of the same backward and setup_context when a gradient is needed. Everything else
+    `benchmarks/host.py`). A call on plain CPU/CUDA tensors outside any tracing or mode (`_plain_eager`) runs the
+    same body directly, through an `autograd.Function` made of the same backward and setup_context when a gradient
+    is needed. Everything else
     (torch.compile, export, fake tensors, functorch, subclasses, NPU tensors) goes through the op, so graphs still
     see `torch.ops.moe_inductor.*`. The profiler sees the fast path as a range of the op's name.
     """
